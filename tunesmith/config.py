@@ -1,0 +1,230 @@
+"""The run configuration: one typed schema, loaded from YAML plus `section.key=value` overrides.
+
+The schema below is the single source of truth for every option: its type, its default and
+its documentation. The CLI's `--help`, the docs and the saved `config.yaml` all come from it.
+Validation happens before anything heavy starts, and every problem names the key, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunesmith.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        DEFAULT_MODEL,
+        description="Built-in name (smollm2-135m-instruct), a local Hugging Face folder, a .gguf file, "
+        "or a hub id already in the local cache.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when it is a folder.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off by default).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and compute dtype; auto is float32 on CPU and bfloat16 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks CUDA when present.")
+
+
+class MethodConfig(Section):
+    name: Literal["lora"] = Field("lora", description="Adaptation method.")
+    r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of B A.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (alpha/r) B A x.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Which linear layers get adapters: all-linear (every linear layer but the output head), "
+        "a list of module-name suffixes (e.g. [q_proj, v_proj]), or a regex matched against full module names.",
+    )
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training file (.jsonl, .json, .csv, .parquet).")
+    validation: str | None = Field(None, description="Validation file; if unset, val_split of train is held out.")
+    test: str | None = Field(None, description="Test file for the before/after task evaluation.")
+    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages"] = Field(
+        "auto", description="Row format; auto detects it from the fields of the first row."
+    )
+    max_seq_len: int = Field(512, ge=8, description="Longer sequences are truncated (and counted).")
+    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no validation file is given.")
+    train_on_prompt: bool = Field(False, description="Also train on system/user/prompt tokens (default: completions only).")
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+
+
+class ObjectiveConfig(Section):
+    name: Literal["auto", "sft", "causal_lm"] = Field(
+        "auto", description="Loss: sft (completions of instruction data), causal_lm (raw text); auto follows data.format."
+    )
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 means run train.epochs epochs.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is 0.")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 turns it off.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
+    log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N steps.")
+    seed: int = Field(0, description="Seed for initialisation, shuffling and dropout.")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in output.dir.")
+    max_bad_steps: int = Field(5, ge=1, description="Abort after this many non-finite steps in a row.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
+
+
+class EvalConfig(Section):
+    before_after: bool = Field(True, description="Score the test split before and after training.")
+    max_new_tokens: int = Field(96, ge=1, description="Generation budget per test row.")
+    batch_size: int = Field(16, ge=1, description="Rows generated at once.")
+    max_samples: int = Field(0, ge=0, description="Score at most this many test rows (0: all).")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/latest", description="Run directory: config, metrics, checkpoints, adapter, report.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _objective_matches_format(self) -> "Config":
+        if self.objective.name == "sft" and self.data.format == "text":
+            raise ValueError("objective.name=sft needs instruction data, but data.format is text; use causal_lm")
+        return self
+
+    def resolved_objective(self, data_format: str) -> str:
+        """The objective actually used once the data format is known."""
+        if self.objective.name != "auto":
+            return self.objective.name
+        return "causal_lm" if data_format == "text" else "sft"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise UserError(f"Override {text!r} is not of the form section.key=value (e.g. train.max_steps=40).")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise UserError(f"Override key {key!r} must name a section and a key, e.g. train.lr=1e-4.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: take it as a plain string and let the schema judge it
+    return path, value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"Override {'.'.join(path)}: {part!r} is a value, not a section.")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Config file {str(p)!r} does not exist.")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"Config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"Config file {str(p)!r} is not UTF-8 text.") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"Config file {str(p)!r} must be a mapping of sections (model, method, data, ...).")
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict into a Config, turning pydantic's errors into one UserError."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    tree = read_yaml(path) if path else {}
+    for text in overrides:
+        key_path, value = parse_override(text)
+        apply_override(tree, key_path, value)
+    return build_config(tree, str(path) if path else "command line")
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"Invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key {key!r}; allowed here: {', '.join(_allowed_keys(item['loc']))}")
+            continue
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  - {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_options() -> str:
+    """Every key with its default and doc, for `--help` and the docs."""
+    out = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        out.append(f"{section}:")
+        for key, f in model.model_fields.items():
+            default = f.default if f.default_factory is None else f.default_factory()
+            out.append(f"  {section}.{key} (default {default!r}): {f.description}")
+    return "\n".join(out)
