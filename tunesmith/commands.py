@@ -1,0 +1,229 @@
+"""What each CLI subcommand does, as plain functions (the CLI only parses arguments).
+
+`train` is the whole workflow: validate, load, prepare data, score before, fine-tune, save,
+score after, report. Each step is a call into one package; nothing here knows a method's math.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config, ModelConfig, build_config, load_config, save_config
+from tunesmith.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.output.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir={str(run_dir)!r} exists and is not a folder.")
+    if not cfg.train.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        log.warning("%s already holds checkpoints; they will be replaced (set train.resume=true to continue)", run_dir)
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def train(cfg: Config) -> dict:
+    """Fine-tune as configured; returns the summary written to summary.json and report.md."""
+    from tunesmith.data.dataset import prepare_datasets
+    from tunesmith.evaluate.report import plot_loss, write_report
+    from tunesmith.methods.inject import apply_lora, count_parameters
+    from tunesmith.methods.io import save_adapter
+    from tunesmith.models.loading import load_model_and_tokenizer
+    from tunesmith.train.loop import train as train_loop
+    from tunesmith.train.loop import validation_loss
+
+    if not cfg.data.train:
+        raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
+    run_dir = prepare_run_dir(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    data = prepare_datasets(cfg.data, tokenizer, cfg.train.seed)
+    log.info("data: %s", data.describe())
+
+    before = None
+    if cfg.data.test and cfg.eval.before_after:
+        before = cached_score(run_dir / "before.json", lambda: score_test_set(model, tokenizer, cfg, "before"))
+        log.info("before fine-tuning: %s", _fmt(before))
+
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation is part of the run's seed
+    adapted = apply_lora(model, cfg.method)
+    trainable, total = count_parameters(model)
+    log.info("LoRA on %d modules: %s trainable of %s parameters (%.2f%%)",
+             len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    started = time.time()
+    state = train_loop(model, data.train, data.validation, cfg, run_dir, tokenizer.pad_token_id)
+    train_seconds = time.time() - started
+    save_adapter(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+
+    after, examples = None, []
+    if cfg.data.test:
+        after, examples = score_test_set(model, tokenizer, cfg, "after", return_examples=3)
+        log.info("after fine-tuning:  %s", _fmt(after))
+    summary = {
+        "model": cfg.model.name_or_path,
+        "method": f"{cfg.method.name} r={cfg.method.r} alpha={cfg.method.alpha} targets={cfg.method.target_modules}",
+        "trainable": trainable,
+        "total": total,
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": train_seconds,
+        "data": data.describe(),
+        "val_loss": validation_loss(model, data.validation, cfg.train.batch_size, tokenizer.pad_token_id),
+        "before": before,
+        "after": after,
+        "examples": examples,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    report = write_report(run_dir, summary)
+    log.info("report: %s\nadapter: %s", report, run_dir / "adapter")
+    return summary
+
+
+def cached_score(path: Path, compute):
+    """The base model's score does not change on resume: compute it once per run directory."""
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    scores = compute()
+    path.write_text(json.dumps(scores), encoding="utf-8")
+    return scores
+
+
+def score_test_set(model, tokenizer, cfg: Config, label: str, return_examples: int = 0):
+    """Generate an answer for every test row and score it against the reference."""
+    from tunesmith.data.demo import score
+    from tunesmith.evaluate.generate import generate, render_prompt
+    from tunesmith.evaluate.task import test_cases
+
+    cases = test_cases(cfg.data)
+    if cfg.eval.max_samples:
+        cases = cases[: cfg.eval.max_samples]
+    prompts = [render_prompt(tokenizer, messages) for messages, _ in cases]
+    references = [reference for _, reference in cases]
+    predictions = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                           progress=True, desc=f"score test ({label})")
+    scores = score(predictions, references)
+    if return_examples:
+        examples = [{"reference": r, "prediction": p} for p, r in list(zip(predictions, references))[:return_examples]]
+        return scores, examples
+    return scores
+
+
+def evaluate(cfg: Config, adapter: str | None) -> dict:
+    from tunesmith.methods.io import load_adapter
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    if not cfg.data.test:
+        raise UserError("data.test is not set: name a test file to score (e.g. data.test=data/test.jsonl).")
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    if adapter:
+        load_adapter(model, Path(adapter))
+    scores = score_test_set(model, tokenizer, cfg, "adapter" if adapter else "base")
+    print(json.dumps(scores, indent=2))
+    return scores
+
+
+def load_for_inference(model_name: str, adapter: str | None):
+    from tunesmith.methods.io import load_adapter
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=model_name))
+    if adapter:
+        load_adapter(model, Path(adapter))
+    return model, tokenizer
+
+
+def generate_one(model_name: str, adapter: str | None, prompt: str, max_new_tokens: int, system: str | None) -> str:
+    from tunesmith.evaluate.generate import generate, render_prompt
+
+    model, tokenizer = load_for_inference(model_name, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return generate(model, tokenizer, [render_prompt(tokenizer, messages)], max_new_tokens)[0]
+
+
+def chat(model_name: str, adapter: str | None, max_new_tokens: int, system: str | None) -> None:
+    """A read-eval-print loop; the conversation so far is the prompt of each turn. Empty line or EOF quits."""
+    from tunesmith.evaluate.generate import generate, render_prompt
+
+    model, tokenizer = load_for_inference(model_name, adapter)
+    history = [{"role": "system", "content": system}] if system else []
+    print("tunesmith chat: type a message; an empty line or Ctrl-D quits.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        answer = generate(model, tokenizer, [render_prompt(tokenizer, history)], max_new_tokens)[0]
+        history.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}")
+
+
+def write_demo_data(out: Path, seed: int = 0, variant: str = "easy") -> dict:
+    from tunesmith.data.demo import write_demo
+
+    return write_demo(out, seed=seed, variant=variant)
+
+
+def demo(out: Path, overrides: list[str]) -> dict:
+    """The first-run experience: demo data, score, fine-tune, score, print both."""
+    data_dir = out / "data"
+    write_demo_data(data_dir)
+    cfg = load_config(DEMO_CONFIG, [
+        f"data.train={data_dir / 'train.jsonl'}",
+        f"data.validation={data_dir / 'validation.jsonl'}",
+        f"data.test={data_dir / 'test.jsonl'}",
+        f"output.dir={out}",
+        *overrides,
+    ])
+    summary = train(cfg)
+    before, after = summary["before"] or {}, summary["after"] or {}
+    print()
+    print("=" * 64)
+    print(f"exact match on {out / 'data' / 'test.jsonl'}:")
+    print(f"  before fine-tuning: {before.get('exact_match', float('nan')):5.1f}%")
+    print(f"  after fine-tuning:  {after.get('exact_match', float('nan')):5.1f}%")
+    print(f"report:  {out / 'report.md'}")
+    print(f"adapter: {out / 'adapter'}")
+    print("=" * 64)
+    return summary
+
+
+def merge(adapter: str, out: str, model_name: str | None) -> None:
+    from tunesmith.methods.inject import merge_and_unload
+
+    adapter_dir = Path(adapter)
+    if model_name is None:
+        config_path = adapter_dir / "adapter_config.json"
+        if not config_path.is_file():
+            raise UserError(f"{str(config_path)!r} does not exist: is {adapter!r} an adapter folder?")
+        model_name = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not model_name:
+            raise UserError(f"{str(config_path)!r} names no base model; pass --model.")
+    model, tokenizer = load_for_inference(model_name, adapter)
+    merged = merge_and_unload(model)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"merged model saved to {out}")
+
+
+def _fmt(scores: dict | None) -> str:
+    if not scores:
+        return "n/a"
+    return ", ".join(f"{k} {v:.1f}%" for k, v in scores.items())

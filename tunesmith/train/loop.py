@@ -1,0 +1,217 @@
+"""The training loop, shared by every method and objective.
+
+What differs between methods lives in the model (which parameters are trainable); what differs
+between objectives lives in `loss_fn`. The loop only does this, per optimizer step:
+
+    window = the next grad_accum micro-batches (a pure function of seed and step)
+    loss   = sum of token losses in the window / labelled tokens in the window
+    clip the gradient norm; skip the step if loss or gradient is not finite
+    set lr from the schedule; AdamW step; log; maybe validate; maybe checkpoint
+
+Because the data order, the schedule and the RNG states are functions of the step or saved in
+the checkpoint, a killed run resumed from its newest checkpoint ends bit-exact with an
+uninterrupted one (fp32, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from tunesmith.config import Config
+from tunesmith.data.dataset import collate, epoch_order
+from tunesmith.errors import UserError
+from tunesmith.objectives.lm import IGNORE, token_loss_sum
+from tunesmith.train.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class Schedule:
+    """How many rows, micro-batches and steps the run has."""
+
+    rows: int
+    batch_size: int
+    grad_accum: int
+    total_steps: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    @classmethod
+    def from_config(cls, rows: int, cfg: Config) -> "Schedule":
+        t = cfg.train
+        if rows == 0:
+            raise UserError("No training rows are left after validation; check data.train and data.max_seq_len.")
+        per_epoch = math.ceil(rows / t.batch_size)
+        steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+        return cls(rows, t.batch_size, t.grad_accum, steps)
+
+
+class BatchSource:
+    """Micro-batch k of the run, by index: epoch k // B, position k % B, rows from a seeded permutation."""
+
+    def __init__(self, examples: list[dict], schedule: Schedule, seed: int, pad_id: int, device: torch.device):
+        self.examples, self.schedule, self.seed, self.pad_id, self.device = examples, schedule, seed, pad_id, device
+        self._order: tuple[int, list[int]] | None = None
+
+    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(k, self.schedule.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
+        bs = self.schedule.batch_size
+        rows = [self.examples[i] for i in self._order[1][position * bs : (position + 1) * bs]]
+        return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+
+    def window(self, step: int) -> list[dict[str, torch.Tensor]]:
+        first = step * self.schedule.grad_accum
+        return [self.micro_batch(k) for k in range(first, first + self.schedule.grad_accum)]
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn: LossFn = token_loss_sum):
+    """Token-weighted mean loss over `examples` (eval mode: no dropout, no RNG use)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        loss_sum, n = loss_fn(model, batch)
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("", encoding="utf-8")
+        elif path.exists():
+            kept = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= resume_step]
+            path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int, loss_fn: LossFn = token_loss_sum):
+    """Train `model` in place. Returns the final TrainState."""
+    device = next(model.parameters()).device
+    t = cfg.train
+    schedule = Schedule.from_config(len(train_examples), cfg)
+    source = BatchSource(train_examples, schedule, t.seed, pad_id, device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
+    state = TrainState()
+    resume_step = None
+    if t.resume:
+        found = complete_checkpoints(run_dir)
+        if found:
+            state = load_checkpoint(found[-1], model, optimizer)
+            resume_step = state.step
+            log.info("Resumed from %s (step %d of %d)", found[-1], state.step, schedule.total_steps)
+        else:
+            log.info("train.resume is on but %s has no complete checkpoint; starting fresh", run_dir)
+    metrics = MetricsLog(Path(run_dir) / "metrics.jsonl", resume_step)
+    config_dict = cfg.to_dict()
+
+    model.train()
+    bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    while state.step < schedule.total_steps:
+        started = time.perf_counter()
+        step = state.step
+        loss, grad_norm, tokens, seen = train_step(model, optimizer, source.window(step), t.max_grad_norm, loss_fn)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            set_lr(optimizer, lr_at(step, t, schedule.total_steps))
+            optimizer.step()
+            state.bad_steps_in_row = 0
+            state.tokens_seen += seen
+        else:
+            state.skipped_steps += 1
+            state.bad_steps_in_row += 1
+            log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); step skipped", step + 1, loss, grad_norm)
+            if state.bad_steps_in_row >= t.max_bad_steps:
+                raise UserError(
+                    f"Training aborted at step {step + 1}: {state.bad_steps_in_row} steps in a row had a non-finite "
+                    "loss or gradient. Lower train.lr, check the data, or raise train.max_bad_steps."
+                )
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": state.step,
+            "loss": loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed,
+            "epoch": step * schedule.grad_accum / schedule.batches_per_epoch,
+        }
+        if state.step % t.log_every == 0 or state.step == schedule.total_steps:
+            metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        last = state.step == schedule.total_steps
+        if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
+            val = validation_loss(model, val_examples, t.batch_size, pad_id, loss_fn)
+            metrics.write({"step": state.step, "val_loss": val})
+            bar.write(f"step {state.step}: validation loss {val:.4f}")
+        if (t.save_every and state.step % t.save_every == 0) or last:
+            save_checkpoint(run_dir, state, trainable_state(model), optimizer, config_dict, t.keep_checkpoints)
+        _test_hook_kill(state.step)
+    bar.close()
+    model.eval()
+    return state
+
+
+def train_step(model, optimizer, window, max_grad_norm: float, loss_fn: LossFn):
+    """Forward and backward over one accumulation window; returns (loss, grad norm, tokens, labelled)."""
+    labelled = sum(labelled_tokens(b) for b in window)
+    tokens = sum(int(b["attention_mask"].sum()) for b in window)
+    total = 0.0
+    for batch in window:
+        loss_sum, _ = loss_fn(model, batch)
+        # Normalise by the labelled tokens of the whole window, so k micro-batches of B/k rows
+        # give the same gradient as one batch of B rows.
+        (loss_sum / max(1, labelled)).backward()
+        total += float(loss_sum.detach())
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+    return total / max(1, labelled), grad_norm, tokens, labelled
+
+
+def _test_hook_kill(step: int) -> None:
+    """Test-only: TUNESMITH_TEST_KILL_AT_STEP=N sends this process SIGKILL right after step N."""
+    target = os.environ.get("TUNESMITH_TEST_KILL_AT_STEP")
+    if target and int(target) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
