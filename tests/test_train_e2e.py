@@ -29,7 +29,7 @@ def workspace(tmp_path_factory):
         "model": {"name_or_path": str(model_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"train": str(paths["train"]), "validation": str(paths["validation"]), "test": str(paths["test"]),
-                 "max_seq_len": 128},
+                 "max_seq_len": 256},
         "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2,
                   "save_every": 2, "eval_every": 3, "seed": 3},
         "eval": {"max_new_tokens": 8},

@@ -63,11 +63,11 @@ def validate_rows(rows: list[Row], fmt: str, path: str | Path) -> None:
             problems += [f"{path} {row.location}: {p}" for p in found]
     if not problems:
         return
-    shown = problems[:MAX_PROBLEMS]
-    more = len(problems) - len(shown)
+    listed = problems[:MAX_PROBLEMS]
+    more = len(problems) - len(listed)
     tail = [f"... and {more} more problem(s)"] if more else []
     head = [] if len(problems) == 1 else [f"{bad_rows} malformed {fmt} row(s) in {path}:"]
-    raise UserError("\n".join(head + shown + tail))
+    raise UserError("\n".join(head + listed + tail))
 
 
 def shown(value: Any) -> str:
@@ -91,9 +91,8 @@ def check_text(fields: dict) -> list[str]:
 
 
 def check_alpaca(fields: dict) -> list[str]:
-    return _string(fields, "instruction") + _string(fields, "input", required=False, non_empty=False) + _string(
-        fields, "output"
-    )
+    optional_input = _string(fields, "input", required=False, non_empty=False)
+    return _string(fields, "instruction") + optional_input + _string(fields, "output")
 
 
 def check_prompt_completion(fields: dict) -> list[str]:
@@ -133,7 +132,7 @@ def _check_message(i: int, message: Any) -> list[str]:
     if not isinstance(content, str):
         return [f'{where}: field "content" must be a string (got {shown(content)})']
     if role == "assistant" and not content.strip():
-        return [f'{where}: an assistant message must not be empty']
+        return [f"{where}: an assistant message must not be empty"]
     return []
 
 

@@ -13,6 +13,7 @@ itself uses (and depends on), without that cache.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,13 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json_lines(path: Path, text: str) -> list[Row]:
-    """One JSON object per line; blank lines are skipped, so a trailing newline is harmless."""
+    """One JSON object per line; blank lines are skipped, so a trailing newline is harmless.
+
+    Lines are split at "\n" only: str.splitlines would also split at U+2028 and other characters
+    that may stand unescaped inside a JSON string.
+    """
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -93,7 +98,7 @@ def _read_json(path: Path, text: str) -> list[Row]:
 
 def _read_csv(path: Path, text: str) -> list[Row]:
     """A header row, then one row per record; every cell stays a string, exactly as written."""
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": the csv module handles \r\n itself
     try:
         header = next(reader, None)
         if header is None:
