@@ -127,6 +127,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int, loss_fn: LossFn = token_loss_sum):
     """Train `model` in place. Returns the final TrainState."""
     device = next(model.parameters()).device
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     schedule = Schedule.from_config(len(train_examples), cfg)
     source = BatchSource(train_examples, schedule, t.seed, pad_id, device)
