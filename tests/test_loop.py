@@ -132,3 +132,30 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     for step in range(1, 5):
         save_checkpoint(tmp_path, TrainState(step=step), dict(model.named_parameters()), opt, {}, keep=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-3", "step-4"]
+
+
+def test_full_disk_during_save_keeps_newest_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import tunesmith.train.checkpoint as ckpt
+
+    model = build_tiny_model()
+    opt = build_optimizer(list(model.parameters()), TrainConfig())
+    save_checkpoint(tmp_path, TrainState(step=1), dict(model.named_parameters()), opt, {})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        save_checkpoint(tmp_path, TrainState(step=2), dict(model.named_parameters()), opt, {})
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]  # no temp folder left
+    load_checkpoint(tmp_path / "checkpoints" / "step-1", model, opt)
+
+
+def test_unwritable_checkpoint_folder_is_a_user_error(tmp_path):
+    model = build_tiny_model()
+    opt = build_optimizer(list(model.parameters()), TrainConfig())
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match="Could not write checkpoint"):
+        save_checkpoint(tmp_path, TrainState(step=1), dict(model.named_parameters()), opt, {})

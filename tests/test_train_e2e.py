@@ -104,3 +104,30 @@ def test_help_documents_options():
     assert "train.max_steps" in proc.stdout and "method.target_modules" in proc.stdout
     for command in ("eval", "generate", "chat", "demo", "merge"):
         assert run_cli(command, "--help").stdout.startswith("usage:")
+
+
+def test_kill_during_save_keeps_previous_checkpoint(workspace):
+    """SIGKILL while step-4 is being written: step-2 survives intact and resume ignores the partial save."""
+    import time
+
+    root, config = workspace
+    straight, killed = root / "straight-save", root / "killed-save"
+    run_cli("train", str(config), f"output.dir={straight}", "eval.before_after=false")
+    env = dict(os.environ, TUNESMITH_TEST_PAUSE_IN_SAVE="4:60")
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config), f"output.dir={killed}",
+                             "eval.before_after=false"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flag = killed / "checkpoints" / ".tmp-step-4.saving"
+    deadline = time.time() + 120
+    while not flag.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert flag.exists(), "the save of step 4 never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = killed / "checkpoints"
+    assert (checkpoints / ".tmp-step-4").is_dir() and not (checkpoints / "step-4").exists()
+    assert (checkpoints / "step-2" / "COMPLETE").is_file()
+    run_cli("train", str(config), f"output.dir={killed}", "eval.before_after=false", "train.resume=true")
+    assert not (checkpoints / ".tmp-step-4").exists()
+    a, b = adapter_weights(straight), adapter_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+

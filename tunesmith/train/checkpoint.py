@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,31 +94,56 @@ def save_checkpoint(
     config: dict,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step-N atomically and prune older ones beyond `keep`."""
+    """Write checkpoints/step-N atomically and prune older ones beyond `keep`.
+
+    A failed write (full disk, unwritable folder) removes its temporary folder, leaves every
+    complete checkpoint as it was, and raises a UserError naming the folder.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stray in root.glob(".tmp-*"):  # left by a run killed mid-save
-        shutil.rmtree(stray, ignore_errors=True)
-    final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
-    tmp.mkdir()
-    rng_tensors, rng_plain = rng_snapshot()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_tensors, tmp / "rng.pt")
-    meta = {"train_state": state.__dict__, "rng": rng_plain, "config": config}
-    (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-    for f in tmp.iterdir():
-        fsync_file(f)
-    (tmp / MARKER).write_text("ok\n", encoding="utf-8")
-    fsync_file(tmp / MARKER)
-    fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. resumed exactly at the end)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stray in root.glob(".tmp-*"):  # left by a run killed mid-save
+            shutil.rmtree(stray, ignore_errors=True)
+        tmp.mkdir()
+        write_checkpoint_files(tmp, state, trainable, optimizer, config)
+        final = root / f"step-{state.step}"
+        if final.exists():  # a re-save of the same step (e.g. resumed exactly at the end)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"Could not write checkpoint step-{state.step} in {str(root)!r}: {e.strerror or e}. "
+            "The newest complete checkpoint is intact; free space or fix permissions, then resume."
+        ) from None
     prune_checkpoints(root, keep)
     return final
+
+
+def write_checkpoint_files(folder: Path, state: TrainState, trainable: dict, optimizer, config: dict) -> None:
+    rng_tensors, rng_plain = rng_snapshot()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, folder / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(rng_tensors, folder / "rng.pt")
+    meta = {"train_state": state.__dict__, "rng": rng_plain, "config": config}
+    (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    _test_hook_pause_in_save(folder, state.step)
+    for f in folder.iterdir():
+        fsync_file(f)
+    (folder / MARKER).write_text("ok\n", encoding="utf-8")  # last: its presence means complete
+    fsync_file(folder / MARKER)
+    fsync_dir(folder)
+
+
+def _test_hook_pause_in_save(folder: Path, step: int) -> None:
+    """Test-only: TUNESMITH_TEST_PAUSE_IN_SAVE=STEP:SECONDS pauses the save of STEP before its marker,
+    after touching `<folder>.saving`, so a test can kill the process mid-save."""
+    hook = os.environ.get("TUNESMITH_TEST_PAUSE_IN_SAVE")
+    if hook and int(hook.split(":")[0]) == step:
+        folder.with_name(folder.name + ".saving").touch()
+        time.sleep(float(hook.split(":")[1]))
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

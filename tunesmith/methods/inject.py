@@ -1,0 +1,152 @@
+"""Putting adapters into a model and taking them out again.
+
+Injection is one walk: find the target nn.Linear modules by name, freeze the whole model,
+swap each target for a LoRALinear that owns the target's weight. Targets are chosen like
+PEFT chooses them:
+
+    "all-linear"         every nn.Linear except the output head (model.get_output_embeddings()
+                         and anything called lm_head); the head is adapted only when named
+    ["q_proj", "v_proj"] a module matches if its full dotted name equals an entry or ends
+                         with "." + entry
+    "regex"              any other string, re.fullmatch'ed against full module names
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+from tunesmith.config import MethodConfig
+from tunesmith.errors import UserError
+from tunesmith.methods.lora import LoRALinear
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(name, module) for every LoRALinear in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every named module except the insides of existing adapters (their lora_A/lora_B)."""
+    inner = {id(m) for _, a in adapter_modules(model) for m in a.modules() if m is not a}
+    return [(n, m) for n, m in model.named_modules() if n and id(m) not in inner]
+
+
+def _matches(name: str, target_modules: str | list[str]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Full dotted names of the linear modules selected by `target_modules` (see module docstring)."""
+    candidates = _candidate_modules(model)
+    linear_names = [n for n, m in candidates if isinstance(m, nn.Linear)]
+    if target_modules == "all-linear":
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        names = [n for n, m in candidates
+                 if isinstance(m, nn.Linear) and m is not head and n.split(".")[-1] != "lm_head"]
+    else:
+        if isinstance(target_modules, str):
+            try:
+                re.compile(target_modules)
+            except re.error as e:
+                raise UserError(f"method.target_modules {target_modules!r} is not a valid regex: {e}.") from None
+        matched = [(n, m) for n, m in candidates if _matches(n, target_modules)]
+        wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, nn.Linear)]
+        if wrong:
+            raise UserError(f"method.target_modules {target_modules!r} matches modules that are not linear "
+                            f"layers: {', '.join(wrong[:5])}. LoRA adapts nn.Linear modules only, "
+                            f"e.g. {_examples(linear_names)}.")
+        names = [n for n, _ in matched]
+    if not names:
+        raise UserError(f"method.target_modules {target_modules!r} matches no linear layer of this model. "
+                        f"Linear layers here include: {_examples(linear_names)}.")
+    return names
+
+
+def _examples(names: list[str], k: int = 8) -> str:
+    """'q_proj, k_proj, ... (full names like model.layers.0.self_attn.q_proj)'."""
+    if not names:
+        return "(none)"
+    suffixes = list(dict.fromkeys(n.split(".")[-1] for n in names))  # unique, in order
+    return f"{', '.join(suffixes[:k])} (full names like {names[0]})"
+
+
+def apply_lora(model: nn.Module, cfg: MethodConfig) -> list[str]:
+    """Freeze every parameter, then wrap each target in a LoRALinear. Returns the adapted names."""
+    if any(True for _ in adapter_modules(model)):
+        raise UserError("This model already has LoRA adapters; load or apply adapters on a fresh base model.")
+    names = find_targets(model, cfg.target_modules)
+    modules = dict(model.named_modules())
+    # where each target hangs: module -> (parent module, attribute name), found by reference
+    parents = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        base = modules[name]
+        parent, attr = parents[id(base)]
+        setattr(parent, attr, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+    return names
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); shared (tied) weights are counted once."""
+    params = list(model.parameters())  # parameters() already skips duplicates
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _check_not_shared(model: nn.Module) -> None:
+    """Merging writes into the weight in place; a weight tied to another module would change it too."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    for name, a in adapter_modules(model):
+        if seen[id(a.weight)] > 1:
+            raise UserError(f"Cannot merge the adapter on {name!r}: its weight is tied to another layer "
+                            "(e.g. the input embeddings), which merging would change too.")
+
+
+def merge_adapters(model: nn.Module) -> None:
+    _check_not_shared(model)
+    for _, a in adapter_modules(model):
+        a.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, a in adapter_modules(model):
+        a.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding W0 + s B A; returns the same model."""
+    _check_not_shared(model)
+    parents = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
+    for _, a in list(adapter_modules(model)):
+        parent, attr = parents[id(a)]
+        setattr(parent, attr, a.to_linear())
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model (e.g. DPO's reference) with every adapter off; restores each flag after."""
+    adapters = [a for _, a in adapter_modules(model)]
+    before = [a.disabled for a in adapters]
+    for a in adapters:
+        a.disabled = True
+    try:
+        yield model
+    finally:
+        for a, flag in zip(adapters, before):
+            a.disabled = flag
