@@ -66,7 +66,9 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
                             f"e.g. {_examples(linear_names)}.")
         names = [n for n, _ in matched]
     if not names:
-        raise UserError(f"method.target_modules {target_modules!r} matches no linear layer of this model. "
+        hint = " (a single string is a regex over full names; use a list for suffixes)" \
+            if isinstance(target_modules, str) else ""
+        raise UserError(f"method.target_modules {target_modules!r} matches no linear layer of this model{hint}. "
                         f"Linear layers here include: {_examples(linear_names)}.")
     return names
 

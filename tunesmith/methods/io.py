@@ -1,0 +1,170 @@
+"""Adapters on disk, in PEFT's format, so they load in `peft.PeftModel.from_pretrained` and back.
+
+An adapter folder holds two files:
+
+    adapter_config.json        LoraConfig fields: peft_type "LORA", r, lora_alpha, target_modules, ...
+    adapter_model.safetensors  base_model.model.<module path>.lora_A.weight   (r, in)
+                               base_model.model.<module path>.lora_B.weight   (out, r)
+
+PEFT's "base_model.model." prefix comes from its wrappers (PeftModel.base_model is a LoraModel
+whose .model is the transformer); the adapter name ("default") is left out of the keys.
+Weights are read from safetensors only: pickle files (.bin, .pt) can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from tunesmith.config import MethodConfig
+from tunesmith.errors import UserError
+from tunesmith.methods.inject import adapter_modules, apply_lora
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Fields of peft 0.21.2's LoraConfig that we always write with their defaults (we use none of them).
+_PEFT_DEFAULTS = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "corda_config": None, "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
+    "kasa_config": None, "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,
+    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
+    "qalora_group_size": 16, "rank_pattern": {}, "revision": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+    "velora_config": None,
+}
+# Fields that change what the adapter computes; we refuse an adapter that sets any of them.
+_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "use_dora", "layers_to_transform", "exclude_modules",
+                "modules_to_save", "fan_in_fan_out", "lora_bias", "target_parameters", "trainable_token_indices",
+                "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names (detached, contiguous, on CPU)."""
+    out = {}
+    for name, a in adapter_modules(model):
+        for part in ("lora_A", "lora_B"):
+            out[f"{PREFIX}{name}.{part}.weight"] = getattr(a, part).weight.detach().cpu().contiguous()
+    return out
+
+
+def adapter_config(model: nn.Module, cfg: MethodConfig, base_model_name_or_path: str) -> dict:
+    """The adapter_config.json dict PEFT writes for this LoRA."""
+    names = [n for n, _ in adapter_modules(model)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    # suffixes are PEFT's usual form; keep full names when suffixes would also catch unadapted layers
+    covered = {n for n in linears + names if n.split(".")[-1] in suffixes}
+    targets = suffixes if covered == set(names) else sorted(names)
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return dict(sorted({
+        **_PEFT_DEFAULTS,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
+        "peft_type": "LORA", "r": cfg.r, "target_modules": targets, "task_type": "CAUSAL_LM",
+        "use_rslora": cfg.rslora,
+    }.items()))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: MethodConfig, base_model_name_or_path: str) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT format) into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model)
+    if not tensors:
+        raise ValueError("save_adapter: the model has no LoRA adapters")
+    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    text = json.dumps(adapter_config(model, cfg, base_model_name_or_path), indent=2) + "\n"
+    _atomic_write(out / CONFIG_NAME, text.encode("utf-8"))
+
+
+def read_adapter_config(adapter_dir: str | Path) -> MethodConfig:
+    """adapter_config.json -> MethodConfig, refusing what our LoRA does not compute."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{str(path)!r} does not exist: is {str(adapter_dir)!r} a PEFT adapter folder?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{str(path)!r} is not valid JSON: {e}.") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{str(path)!r} must hold a JSON object of LoRA settings.")
+    if raw.get("peft_type") != "LORA":
+        raise UserError(f"{str(path)!r} has peft_type {raw.get('peft_type')!r}; only LORA adapters are supported.")
+    bad = [k for k in _UNSUPPORTED if raw.get(k)]
+    if raw.get("bias", "none") != "none":
+        bad.append("bias")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        bad.append("init_lora_weights")  # these change the base weights too
+    if bad:
+        raise UserError(f"{str(path)!r} uses LoRA options tunesmith does not support: "
+                        + ", ".join(f"{k}={raw[k]!r}" for k in bad) + ".")
+    try:
+        return MethodConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+                            rslora=bool(raw.get("use_rslora", False)), target_modules=raw.get("target_modules"))
+    except ValidationError as e:
+        raise UserError(f"{str(path)!r} has invalid LoRA settings: {e}") from None
+
+
+def _weights_path(adapter_dir: Path) -> Path:
+    path = adapter_dir / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    pickles = [p.name for p in (adapter_dir / "adapter_model.bin", adapter_dir / "adapter_model.pt") if p.is_file()]
+    if pickles:
+        raise UserError(
+            f"{str(adapter_dir)!r} holds only {', '.join(pickles)}, a pickle file; loading pickles can run "
+            f"arbitrary code, so tunesmith reads {WEIGHTS_NAME} only. If you trust the file, convert it once: "
+            "`from safetensors.torch import save_file; import torch; "
+            f"save_file(torch.load('{pickles[0]}', weights_only=True), '{WEIGHTS_NAME}')`.")
+    raise UserError(f"{str(path)!r} does not exist: the adapter folder has no weights.")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> MethodConfig:
+    """Inject LoRA as adapter_config.json says and load adapter_model.safetensors (strictly)."""
+    adapter_dir = Path(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    path = _weights_path(adapter_dir)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{str(path)!r} is not a readable safetensors file: {e}.") from None
+    apply_lora(model, cfg)
+    params = {}
+    for name, a in adapter_modules(model):
+        params[f"{PREFIX}{name}.lora_A.weight"] = a.lora_A.weight
+        params[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B.weight
+    missing, unknown = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unknown:
+        key = missing[0] if missing else unknown[0]
+        kind = "is missing key" if missing else "has unexpected key"
+        raise UserError(f"{str(path)!r} {kind} {key!r} ({len(missing)} missing, {len(unknown)} unexpected): "
+                        "was this adapter trained for a different model?")
+    with torch.no_grad():
+        for key, p in params.items():
+            if state[key].shape != p.shape:
+                raise UserError(f"{str(path)!r}: {key!r} has shape {tuple(state[key].shape)}, "
+                                f"expected {tuple(p.shape)}.")
+            p.copy_(state[key].to(p.dtype))
+    return cfg
