@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import Config, ModelConfig, build_config, load_config, save_config
+from tunesmith.config import Config, ModelConfig, load_config, save_config
 from tunesmith.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ def train(cfg: Config) -> dict:
     from tunesmith.methods.io import save_adapter
     from tunesmith.models.loading import load_model_and_tokenizer
     from tunesmith.train.loop import train as train_loop
-    from tunesmith.train.loop import validation_loss
 
     if not cfg.data.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
@@ -83,7 +82,7 @@ def train(cfg: Config) -> dict:
         "tokens_seen": state.tokens_seen,
         "train_seconds": train_seconds,
         "data": data.describe(),
-        "val_loss": validation_loss(model, data.validation, cfg.train.batch_size, tokenizer.pad_token_id),
+        "val_loss": last_validation_loss(run_dir / "metrics.jsonl"),
         "before": before,
         "after": after,
         "examples": examples,
@@ -92,6 +91,13 @@ def train(cfg: Config) -> dict:
     report = write_report(run_dir, summary)
     log.info("report: %s\nadapter: %s", report, run_dir / "adapter")
     return summary
+
+
+def last_validation_loss(metrics_path: Path) -> float | None:
+    from tunesmith.evaluate.report import read_metrics
+
+    losses = [r["val_loss"] for r in read_metrics(metrics_path) if r.get("val_loss") is not None]
+    return losses[-1] if losses else None
 
 
 def cached_score(path: Path, compute):

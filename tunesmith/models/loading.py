@@ -64,7 +64,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: Python code shipped with %s will run.", folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar for a 0.1 s load is noise; ours cover the long work
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
