@@ -159,3 +159,21 @@ def test_unwritable_checkpoint_folder_is_a_user_error(tmp_path):
     (tmp_path / "checkpoints").write_text("a file where the folder should be")
     with pytest.raises(UserError, match="Could not write checkpoint"):
         save_checkpoint(tmp_path, TrainState(step=1), dict(model.named_parameters()), opt, {})
+
+
+def test_lora_plus_groups_scale_b_learning_rate():
+    from tunesmith.config import MethodConfig
+    from tunesmith.methods.inject import apply_lora
+    from tunesmith.methods.registry import lora_plus_groups
+    from tunesmith.train.optim import set_lr
+
+    model = build_tiny_model()
+    cfg = MethodConfig(r=2, lora_plus_ratio=16)
+    apply_lora(model, cfg)
+    opt = build_optimizer(lora_plus_groups(model, cfg), TrainConfig(lr=1e-3))
+    set_lr(opt, 1e-3)
+    by_id = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert by_id[id(p)] == pytest.approx(1.6e-2 if ".lora_B." in name else 1e-3), name
+    assert len(by_id) == sum(p.requires_grad for p in model.parameters())

@@ -39,8 +39,8 @@ def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the summary written to summary.json and report.md."""
     from tunesmith.data.dataset import prepare_datasets
     from tunesmith.evaluate.report import plot_loss, write_report
-    from tunesmith.methods.inject import apply_lora, count_parameters
-    from tunesmith.methods.io import save_adapter
+    from tunesmith.methods.inject import count_parameters
+    from tunesmith.methods.registry import get_method
     from tunesmith.models.loading import load_model_and_tokenizer
     from tunesmith.train.loop import train as train_loop
 
@@ -56,16 +56,18 @@ def train(cfg: Config) -> dict:
         before = cached_score(run_dir / "before.json", lambda: score_test_set(model, tokenizer, cfg, "before"))
         log.info("before fine-tuning: %s", _fmt(before))
 
+    method = get_method(cfg.method.name)
     torch.manual_seed(cfg.train.seed)  # adapter initialisation is part of the run's seed
-    adapted = apply_lora(model, cfg.method)
+    adapted = method.apply(model, cfg.method)
     trainable, total = count_parameters(model)
-    log.info("LoRA on %d modules: %s trainable of %s parameters (%.2f%%)",
+    log.info("%s on %d modules: %s trainable of %s parameters (%.2f%%)", cfg.method.name,
              len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     started = time.time()
-    state = train_loop(model, data.train, data.validation, cfg, run_dir, tokenizer.pad_token_id)
+    state = train_loop(model, data.train, data.validation, cfg, run_dir, tokenizer.pad_token_id,
+                       param_groups=method.param_groups(model, cfg.method), after_step=method.after_step)
     train_seconds = time.time() - started
-    save_adapter(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
+    method.save(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
 
     after, examples = None, []
@@ -130,26 +132,26 @@ def score_test_set(model, tokenizer, cfg: Config, label: str, return_examples: i
 
 
 def evaluate(cfg: Config, adapter: str | None) -> dict:
-    from tunesmith.methods.io import load_adapter
+    from tunesmith.methods.registry import load_artifact
     from tunesmith.models.loading import load_model_and_tokenizer
 
     if not cfg.data.test:
         raise UserError("data.test is not set: name a test file to score (e.g. data.test=data/test.jsonl).")
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     if adapter:
-        load_adapter(model, Path(adapter))
+        load_artifact(model, Path(adapter))
     scores = score_test_set(model, tokenizer, cfg, "adapter" if adapter else "base")
     print(json.dumps(scores, indent=2))
     return scores
 
 
 def load_for_inference(model_name: str, adapter: str | None):
-    from tunesmith.methods.io import load_adapter
+    from tunesmith.methods.registry import load_artifact
     from tunesmith.models.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=model_name))
     if adapter:
-        load_adapter(model, Path(adapter))
+        load_artifact(model, Path(adapter))
     return model, tokenizer
 
 

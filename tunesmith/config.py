@@ -45,6 +45,9 @@ class MethodConfig(Section):
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (alpha/r) B A x.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+    lora_plus_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B's learning rate is this many times A's (the paper suggests 16); unset is off."
+    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Which linear layers get adapters: all-linear (every linear layer but the output head), "

@@ -124,15 +124,21 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int, loss_fn: LossFn = token_loss_sum):
-    """Train `model` in place. Returns the final TrainState."""
+def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int,
+          loss_fn: LossFn = token_loss_sum, param_groups: list[dict] | None = None,
+          after_step: Callable[[torch.nn.Module], None] | None = None):
+    """Train `model` in place. Returns the final TrainState.
+
+    `param_groups` (default: every trainable parameter at the base rate) and `after_step` come
+    from the method, so methods that change the training rule need no branch in this loop.
+    """
     device = next(model.parameters()).device
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     schedule = Schedule.from_config(len(train_examples), cfg)
     source = BatchSource(train_examples, schedule, t.seed, pad_id, device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
+    optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
     state = TrainState()
     resume_step = None
     if t.resume:
@@ -156,6 +162,8 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
         if finite:
             set_lr(optimizer, lr_at(step, t, schedule.total_steps))
             optimizer.step()
+            if after_step is not None:
+                after_step(model)
             state.bad_steps_in_row = 0
             state.tokens_seen += seen
         else:
@@ -173,7 +181,7 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
         record = {
             "step": state.step,
             "loss": loss,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr_at(step, t, schedule.total_steps),
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed,
             "epoch": step * schedule.grad_accum / schedule.batches_per_epoch,

@@ -31,13 +31,18 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters."""
-    if not params:
+def build_optimizer(params_or_groups: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over a list of parameters, or over groups that may carry an `lr_scale` (LoRA+)."""
+    groups = params_or_groups
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": list(groups)}]
+    groups = [dict(g, lr_scale=g.get("lr_scale", 1.0)) for g in groups if g["params"]]
+    if not groups:
         raise ValueError("no trainable parameters: the method froze everything")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate, times each group's own scale."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
