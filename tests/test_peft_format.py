@@ -151,8 +151,8 @@ def test_missing_or_wrong_config_refused(tmp_path):
     with pytest.raises(UserError, match="IA3"):
         load_adapter(build_tiny_model(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}))
-    with pytest.raises(UserError, match="use_dora"):
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_bias": True}))
+    with pytest.raises(UserError, match="lora_bias"):  # (use_dora is supported: tests/test_methods_dora.py)
         load_adapter(build_tiny_model(), tmp_path)
 
 

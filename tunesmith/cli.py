@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--quantization", choices=["auto", "none", "nf4", "fp4", "int8"], default="auto",
+                   help="QLoRA adapters: quantize the base as in training, then dequantize and merge (default auto: "
+                   "model.quantization of the run's config.yaml beside the adapter folder; none: the float base)")
+
+    p = sub.add_parser("quantize", help="write a bitsandbytes 4-bit or 8-bit checkpoint that transformers loads",
+                       description="Quantize the linear layers of the transformer blocks with bitsandbytes and save "
+                       "a Hugging Face folder (config.json carries the quantization_config). See docs/qlora.md.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (nf4 or fp4) or 8 (LLM.int8); default 4")
+    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type (default nf4)")
+    p.add_argument("--no-double-quant", action="store_true", help="4-bit: keep the fp32 absmax scales unquantized")
     return parser
 
 
@@ -102,7 +114,9 @@ def dispatch(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         commands.demo(Path(args.out), args.overrides)
     elif args.command == "merge":
-        commands.merge(args.adapter, args.out, args.model)
+        commands.merge(args.adapter, args.out, args.model, args.quantization)
+    elif args.command == "quantize":
+        commands.quantize(args.model, args.out, args.bits, args.quant_type, not args.no_double_quant)
     return 0
 
 

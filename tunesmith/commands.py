@@ -40,7 +40,7 @@ def train(cfg: Config) -> dict:
     from tunesmith.data.dataset import prepare_datasets
     from tunesmith.evaluate.report import plot_loss, write_report
     from tunesmith.methods.inject import count_parameters
-    from tunesmith.methods.registry import get_method
+    from tunesmith.methods.registry import describe_method, get_method
     from tunesmith.models.loading import load_model_and_tokenizer
     from tunesmith.train.loop import train as train_loop
 
@@ -76,7 +76,7 @@ def train(cfg: Config) -> dict:
         log.info("after fine-tuning:  %s", _fmt(after))
     summary = {
         "model": cfg.model.name_or_path,
-        "method": f"{cfg.method.name} r={cfg.method.r} alpha={cfg.method.alpha} targets={cfg.method.target_modules}",
+        "method": describe_method(cfg.method),
         "trainable": trainable,
         "total": total,
         "steps": state.step,
@@ -213,22 +213,63 @@ def demo(out: Path, overrides: list[str]) -> dict:
     return summary
 
 
-def merge(adapter: str, out: str, model_name: str | None) -> None:
-    from tunesmith.methods.inject import merge_and_unload
+def merge(adapter: str, out: str, model_name: str | None, quantization: str = "auto") -> None:
+    """Base model + artifact (any method) -> one plain transformers folder.
+
+    A QLoRA adapter was trained against the quantized base, so by default (quantization auto: the
+    model.quantization of the run's config.yaml beside the adapter folder) the base is quantized the
+    same way, then dequantized to float and the update folded into that (docs/qlora.md)."""
+    from tunesmith.methods.registry import artifact_base_model, get_method, load_artifact
+    from tunesmith.models.loading import load_model_and_tokenizer
 
     adapter_dir = Path(adapter)
     if model_name is None:
-        config_path = adapter_dir / "adapter_config.json"
-        if not config_path.is_file():
-            raise UserError(f"{str(config_path)!r} does not exist: is {adapter!r} an adapter folder?")
-        model_name = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        model_name = artifact_base_model(adapter_dir)
         if not model_name:
-            raise UserError(f"{str(config_path)!r} names no base model; pass --model.")
-    model, tokenizer = load_for_inference(model_name, adapter)
-    merged = merge_and_unload(model)
+            raise UserError(f"The artifact in {adapter!r} names no base model; pass --model.")
+    quant = run_quantization(adapter_dir) if quantization == "auto" else {"quantization": quantization}
+    if quant.get("quantization", "none") != "none":
+        log.info("base quantized as in training (%s), dequantized before merging", quant)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=model_name, **quant))
+    method = get_method(load_artifact(model, adapter_dir).name)
+    if method.merge is None:
+        raise UserError(f"{method.name} artifacts cannot be merged into the weights (the adapter is not a weight "
+                        "update); use the base model with --adapter instead.")
+    if quant.get("quantization", "none") != "none":
+        from tunesmith.models.quantize import dequantize_model
+
+        dequantize_model(model, model.get_input_embeddings().weight.dtype)
+    merged = method.merge(model)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     print(f"merged model saved to {out}")
+
+
+def run_quantization(adapter_dir: Path) -> dict:
+    """model.quantization (and double_quant, compute_dtype) of the run whose config.yaml sits beside the
+    adapter folder (output.dir/adapter); {} when there is none."""
+    import yaml
+
+    path = adapter_dir.parent / "config.yaml"
+    try:
+        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    keys = ("quantization", "double_quant", "compute_dtype")
+    return {k: section[k] for k in keys if k in section} if section.get("quantization", "none") != "none" else {}
+
+
+def quantize(model_name: str, out: str, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> None:
+    """A bitsandbytes 4-bit (nf4/fp4) or 8-bit checkpoint that AutoModelForCausalLM.from_pretrained loads."""
+    from tunesmith.models.loading import load_model_and_tokenizer, resolve_device
+    from tunesmith.models.quantize import resolve_compute_dtype, save_quantized
+
+    quantization = "int8" if bits == 8 else quant_type
+    cfg = ModelConfig(name_or_path=model_name, quantization=quantization, double_quant=double_quant)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    save_quantized(model, tokenizer, out, quantization, double_quant, resolve_compute_dtype(cfg.compute_dtype, device))
+    print(f"{bits}-bit ({quantization}) model saved to {out}")
 
 
 def _fmt(scores: dict | None) -> str:

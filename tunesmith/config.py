@@ -8,6 +8,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,15 +34,41 @@ class ModelConfig(Section):
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when it is a folder.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off by default).")
+    allow_pickle: bool = Field(
+        False,
+        description="Accept a model folder with only pickle weights (.bin, .pt). Unpickling can run arbitrary code, "
+        "so they are read only with torch.load(weights_only=True), which admits tensors and plain containers.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and compute dtype; auto is float32 on CPU and bfloat16 on CUDA."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks CUDA when present.")
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none", description="QLoRA: store the frozen linear layers of the transformer blocks in 4-bit NF4 or FP4, or "
+        "8-bit, with bitsandbytes (docs/qlora.md); embeddings, norms and the output head keep model.dtype.",
+    )
+    double_quant: bool = Field(
+        True, description="nf4/fp4: quantize the quantization scales too (4.127 instead of 4.5 bits per weight)."
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype quantized layers dequantize to and multiply in; auto is float32 on CPU and "
+        "bfloat16 on CUDA.",
+    )
+
+
+# Methods that train on a quantized (model.quantization) base; docs/qlora.md says why the others do not.
+QUANTIZED_BASE_METHODS = ("lora", "lora_fa", "adapter")
 
 
 class MethodConfig(Section):
-    name: Literal["lora"] = Field("lora", description="Adaptation method.")
-    r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of B A.")
+    name: Literal["lora", "lora_fa", "dora", "vera", "delta_lora", "adapter", "full", "freeze", "peft"] = Field(
+        "lora",
+        description="Adaptation method: lora; lora_fa (A frozen, only B trains); dora (magnitude and direction); "
+        "vera (shared frozen random projections, trained scaling vectors); delta_lora (LoRA that also moves W); "
+        "adapter (bottleneck adapters after attention and MLP); full (every weight); freeze (the last blocks only); "
+        "peft (any peft method, via method.peft_config). See docs/methods/.",
+    )
+    r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of B A (VeRA: of its shared projections).")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (alpha/r) B A x.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
@@ -53,6 +80,32 @@ class MethodConfig(Section):
         description="Which linear layers get adapters: all-linear (every linear layer but the output head), "
         "a list of module-name suffixes (e.g. [q_proj, v_proj]), or a regex matched against full module names.",
     )
+    trainable_blocks: int = Field(2, ge=0, description="freeze: how many of the last transformer blocks train.")
+    trainable_modules: list[str] = Field(
+        default_factory=list,
+        description="freeze: more modules that train, by full name or name suffix (e.g. [norm, lm_head]).",
+    )
+    vera_seed: int = Field(0, description="vera: seed of the shared random projections (peft's projection_prng_key).")
+    vera_d_init: float = Field(0.1, description="vera: initial value of every entry of the scaling vector d.")
+    delta_lambda: float = Field(
+        0.5, ge=0, description="delta_lora: after each step W moves by delta_lambda times the change of (alpha/r) B A."
+    )
+    adapter_size: int = Field(64, ge=1, description="adapter: bottleneck width of each adapter.")
+    peft_config: dict[str, Any] | None = Field(
+        None, description="peft: the peft config as a mapping with its peft_type, e.g. {peft_type: IA3, "
+        "target_modules: [k_proj, v_proj, down_proj], feedforward_modules: [down_proj]}.",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_method(self) -> "MethodConfig":
+        if self.lora_plus_ratio and self.name not in LORA_FAMILY:
+            raise ValueError(f"method.lora_plus_ratio applies to {', '.join(LORA_FAMILY)}, not to {self.name}")
+        if self.name == "peft" and not (self.peft_config and self.peft_config.get("peft_type")):
+            raise ValueError("method.name=peft needs method.peft_config with a peft_type (e.g. {peft_type: IA3, ...})")
+        return self
+
+
+LORA_FAMILY = ("lora", "lora_fa", "dora", "delta_lora")  # methods with LoRA's A and B (LoRA+ applies)
 
 
 class DataConfig(Section):
@@ -64,6 +117,11 @@ class DataConfig(Section):
     )
     max_seq_len: int = Field(512, ge=8, description="Longer sequences are truncated (and counted).")
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out when no validation file is given.")
+    packing: bool = Field(
+        False,
+        description="Padding-free training: pack each micro-batch's rows into sequences of up to max_seq_len tokens, "
+        "each sample isolated by restarting position ids (same loss, no compute on padding).",
+    )
     train_on_prompt: bool = Field(False, description="Also train on system/user/prompt tokens (default: completions only).")
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
 
@@ -81,6 +139,11 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch); adamw_8bit or paged_adamw_8bit (bitsandbytes: 8-bit moments, a "
+        "quarter of AdamW's state; paged also moves it out of GPU memory under pressure). Where bitsandbytes cannot "
+        "run them: torch AdamW, with a logged message.",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 turns it off.")
@@ -119,6 +182,14 @@ class Config(Section):
             raise ValueError("objective.name=sft needs instruction data, but data.format is text; use causal_lm")
         return self
 
+    @model_validator(mode="after")
+    def _method_fits_quantized_base(self) -> "Config":
+        if self.model.quantization != "none" and self.method.name not in QUANTIZED_BASE_METHODS:
+            raise ValueError(f"method.name={self.method.name} cannot train on a quantized base (model.quantization="
+                             f"{self.model.quantization}); use {' or '.join(QUANTIZED_BASE_METHODS)}, or "
+                             "model.quantization=none (docs/qlora.md says why)")
+        return self
+
     def resolved_objective(self, data_format: str) -> str:
         """The objective actually used once the data format is known."""
         if self.objective.name != "auto":
@@ -143,7 +214,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"Override key {key!r} must name a section and a key, e.g. train.lr=1e-4.")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a date like 2024-13-45
         value = raw  # not valid YAML: take it as a plain string and let the schema judge it
     return path, value
 
@@ -170,6 +241,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"Config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
     except UnicodeDecodeError:
         raise UserError(f"Config file {str(p)!r} is not UTF-8 text.") from None
+    except (ValueError, RecursionError) as e:  # an impossible date (2024-13-45), nesting too deep to parse
+        raise UserError(f"Config file {str(p)!r} is not valid YAML: {str(e)[:200] or type(e).__name__}.") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -201,9 +274,14 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             lines.append(f"  - unknown key {key!r}; allowed here: {', '.join(_allowed_keys(item['loc']))}")
             continue
         value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {_SHORT.repr(value)[:300]})"
         lines.append(f"  - {key}: {item['msg']}{shown}")
     return "\n".join(lines)
+
+
+# Bounded reprs: a value may be a 2 MB string or a YAML alias bomb that expands exponentially.
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 200, 200, 2, 6, 6
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -25,9 +25,17 @@ from tunesmith.methods.lora import LoRALinear
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """(name, module) for every LoRALinear in the model, in module order."""
+    """(name, module) for every LoRALinear (or subclass: LoRA-FA, DoRA, Delta-LoRA) in the model, in module order."""
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def weight_delta_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every adapter whose update folds into its weight: the protocol is
+    `weight`, `delta_weight()`, `merge()`, `unmerge()`, `to_linear()` (LoRA family, VeRA)."""
+    for name, module in model.named_modules():
+        if callable(getattr(module, "to_linear", None)) and callable(getattr(module, "delta_weight", None)):
             yield name, module
 
 
@@ -81,10 +89,11 @@ def _examples(names: list[str], k: int = 8) -> str:
     return f"{', '.join(suffixes[:k])} (full names like {names[0]})"
 
 
-def apply_lora(model: nn.Module, cfg: MethodConfig) -> list[str]:
-    """Freeze every parameter, then wrap each target in a LoRALinear. Returns the adapted names."""
-    if any(True for _ in adapter_modules(model)):
-        raise UserError("This model already has LoRA adapters; load or apply adapters on a fresh base model.")
+def apply_lora(model: nn.Module, cfg: MethodConfig, layer: type[LoRALinear] = LoRALinear) -> list[str]:
+    """Freeze every parameter, then wrap each target in `layer` (LoRALinear or a subclass with the
+    same constructor: LoRA-FA, DoRA, Delta-LoRA). Returns the adapted names."""
+    if any(True for _ in weight_delta_modules(model)):
+        raise UserError("This model already has adapters; load or apply adapters on a fresh base model.")
     names = find_targets(model, cfg.target_modules)
     modules = dict(model.named_modules())
     # where each target hangs: module -> (parent module, attribute name), found by reference
@@ -94,7 +103,7 @@ def apply_lora(model: nn.Module, cfg: MethodConfig) -> list[str]:
     for name in names:
         base = modules[name]
         parent, attr = parents[id(base)]
-        setattr(parent, attr, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+        setattr(parent, attr, layer(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
     return names
 
 
@@ -103,9 +112,11 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); shared (tied) weights are counted once."""
+    """(trainable, total); shared (tied) weights are counted once, packed 4-bit weights by their (out, in)."""
     params = list(model.parameters())  # parameters() already skips duplicates
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    state = lambda p: getattr(p, "quant_state", None)  # a bitsandbytes Params4bit packs two weights per byte
+    numel = lambda p: state(p).shape.numel() if state(p) is not None else p.numel()
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
 
 def _check_not_shared(model: nn.Module) -> None:
@@ -113,7 +124,7 @@ def _check_not_shared(model: nn.Module) -> None:
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
-    for name, a in adapter_modules(model):
+    for name, a in weight_delta_modules(model):
         if seen[id(a.weight)] > 1:
             raise UserError(f"Cannot merge the adapter on {name!r}: its weight is tied to another layer "
                             "(e.g. the input embeddings), which merging would change too.")
@@ -121,29 +132,36 @@ def _check_not_shared(model: nn.Module) -> None:
 
 def merge_adapters(model: nn.Module) -> None:
     _check_not_shared(model)
-    for _, a in adapter_modules(model):
+    for _, a in weight_delta_modules(model):
         a.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    for _, a in adapter_modules(model):
+    for _, a in weight_delta_modules(model):
         a.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding W0 + s B A; returns the same model."""
+    """Replace every adapter by a plain nn.Linear holding its merged weight (W0 + s B A for LoRA);
+    drop shared adapter state hung on the model (`remove_on_unload`, e.g. VeRA's projections).
+    Returns the same model."""
     _check_not_shared(model)
     parents = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
-    for _, a in list(adapter_modules(model)):
+    for _, a in list(weight_delta_modules(model)):
         parent, attr = parents[id(a)]
         setattr(parent, attr, a.to_linear())
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if getattr(child, "remove_on_unload", False):
+                delattr(parent, attr)
     return model
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model (e.g. DPO's reference) with every adapter off; restores each flag after."""
-    adapters = [a for _, a in adapter_modules(model)]
+    """Run the base model (e.g. DPO's reference) with every adapter off; restores each flag after.
+    Every module with a boolean `disabled` switch counts (LoRA family, VeRA, bottleneck adapters)."""
+    adapters = [m for m in model.modules() if isinstance(getattr(m, "disabled", None), bool)]
     before = [a.disabled for a in adapters]
     for a in adapters:
         a.disabled = True

@@ -2,9 +2,10 @@
 
 An adapter folder holds two files:
 
-    adapter_config.json        LoraConfig fields: peft_type "LORA", r, lora_alpha, target_modules, ...
+    adapter_config.json        LoraConfig fields: peft_type "LORA", r, lora_alpha, target_modules, use_dora, ...
     adapter_model.safetensors  base_model.model.<module path>.lora_A.weight   (r, in)
                                base_model.model.<module path>.lora_B.weight   (out, r)
+                               base_model.model.<module path>.lora_magnitude_vector   (out,)  DoRA only
 
 PEFT's "base_model.model." prefix comes from its wrappers (PeftModel.base_model is a LoraModel
 whose .model is the transformer); the adapter name ("default") is left out of the keys.
@@ -26,7 +27,9 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
+from tunesmith.methods.dora import DoRALinear
 from tunesmith.methods.inject import adapter_modules, apply_lora
+from tunesmith.methods.lora import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,35 +47,48 @@ _PEFT_DEFAULTS = {
     "velora_config": None,
 }
 # Fields that change what the adapter computes; we refuse an adapter that sets any of them.
-_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "use_dora", "layers_to_transform", "exclude_modules",
+_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exclude_modules",
                 "modules_to_save", "fan_in_fan_out", "lora_bias", "target_parameters", "trainable_token_indices",
                 "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config")
+
+
+def _peft_tensors(name: str, a: LoRALinear) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for one adapted module (DoRA adds its magnitude vector)."""
+    out = {f"{PREFIX}{name}.lora_A.weight": a.lora_A.weight, f"{PREFIX}{name}.lora_B.weight": a.lora_B.weight}
+    if isinstance(a, DoRALinear):
+        out[f"{PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector
+    return out
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights under PEFT's key names (detached, contiguous, on CPU)."""
     out = {}
     for name, a in adapter_modules(model):
-        for part in ("lora_A", "lora_B"):
-            out[f"{PREFIX}{name}.{part}.weight"] = getattr(a, part).weight.detach().cpu().contiguous()
+        out.update({k: t.detach().cpu().contiguous() for k, t in _peft_tensors(name, a).items()})
     return out
+
+
+def peft_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """`target_modules` as PEFT writes it for the adapted `names`: their suffixes, or the full names
+    when suffixes would also catch linear layers that were not adapted."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    covered = {n for n in linears + names if n.split(".")[-1] in suffixes}
+    return suffixes if covered == set(names) else sorted(names)
 
 
 def adapter_config(model: nn.Module, cfg: MethodConfig, base_model_name_or_path: str) -> dict:
     """The adapter_config.json dict PEFT writes for this LoRA."""
     names = [n for n, _ in adapter_modules(model)]
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
-    suffixes = sorted({n.split(".")[-1] for n in names})
-    # suffixes are PEFT's usual form; keep full names when suffixes would also catch unadapted layers
-    covered = {n for n in linears + names if n.split(".")[-1] in suffixes}
-    targets = suffixes if covered == set(names) else sorted(names)
+    targets = peft_targets(model, names)
+    use_dora = any(isinstance(a, DoRALinear) for _, a in adapter_modules(model))
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     return dict(sorted({
         **_PEFT_DEFAULTS,
         "base_model_name_or_path": base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
         "peft_type": "LORA", "r": cfg.r, "target_modules": targets, "task_type": "CAUSAL_LM",
-        "use_rslora": cfg.rslora,
+        "use_rslora": cfg.rslora, "use_dora": use_dora,
     }.items()))
 
 
@@ -121,7 +137,8 @@ def read_adapter_config(adapter_dir: str | Path) -> MethodConfig:
         raise UserError(f"{str(path)!r} uses LoRA options tunesmith does not support: "
                         + ", ".join(f"{k}={raw[k]!r}" for k in bad) + ".")
     try:
-        return MethodConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+        return MethodConfig(name="dora" if raw.get("use_dora") else "lora",
+                            r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
                             rslora=bool(raw.get("use_rslora", False)), target_modules=raw.get("target_modules"))
     except ValidationError as e:
         raise UserError(f"{str(path)!r} has invalid LoRA settings: {e}") from None
@@ -150,11 +167,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> MethodConfig:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{str(path)!r} is not a readable safetensors file: {e}.") from None
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, DoRALinear if cfg.name == "dora" else LoRALinear)
     params = {}
     for name, a in adapter_modules(model):
-        params[f"{PREFIX}{name}.lora_A.weight"] = a.lora_A.weight
-        params[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B.weight
+        params.update(_peft_tensors(name, a))
     missing, unknown = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing or unknown:
         key = missing[0] if missing else unknown[0]

@@ -21,6 +21,13 @@ unmerging subtracts it again. A `merged` flag makes both idempotent.
 The module owns the base layer's `weight` and `bias` (the same Parameter objects), so the base
 checkpoint's keys (`...q_proj.weight`) are unchanged and only `lora_A.weight`/`lora_B.weight`
 are added, like torchtune's LoRALinear.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314): the base may be a bitsandbytes Linear4bit or
+Linear8bitLt (tunesmith/models/quantize.py), whose weight holds packed integers. The module then
+keeps a reference to that base layer (`quantized_base`, not a submodule: its weight and bias are
+the ones registered here) and calls it for W0 x + b, which dequantizes inside; A and B take the
+layer's compute dtype. A quantized weight cannot take W0 + s B A in place: merging refuses, and
+quantize.dequantize_model gives the adapters float weights to merge into instead.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tunesmith.errors import UserError
 
 
 class LoRALinear(nn.Module):
@@ -48,7 +57,10 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # a quantized base computes W0 x + b itself (see the module docstring)
+        self.__dict__["quantized_base"] = None if base.weight.is_floating_point() else base
+        dtype = base.weight.dtype if self.quantized_base is None else getattr(base, "compute_dtype", torch.float32)
+        kw = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)  # A: (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)  # B: (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -65,7 +77,8 @@ class LoRALinear(nn.Module):
         """s * B @ A, shape (out, in), in the base weight's dtype."""
         # (out, r) @ (r, in) -> (out, in); multiply in fp32 so bf16 merges lose less
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
-        return (delta * self.scaling).to(self.weight.dtype)
+        dtype = self.weight.dtype if self.quantized_base is None else self.lora_A.weight.dtype  # not uint8/int8
+        return (delta * self.scaling).to(dtype)
 
     def _update(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         """s * B A x for x of shape (..., in) -> (..., out)."""
@@ -74,8 +87,17 @@ class LoRALinear(nn.Module):
             x = self.lora_dropout(x)
         return self.lora_B(self.lora_A(x)) * self.scaling
 
+    def train(self, mode: bool = True) -> "LoRALinear":
+        super().train(mode)
+        if self.quantized_base is not None:  # not a submodule, so not reached by super().train
+            self.quantized_base.train(mode)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # W0 x + b, or (W0 + s B A) x + b when merged
+        if self.quantized_base is not None:
+            out = self.quantized_base(x)  # dequant(W0) x + b
+        else:
+            out = F.linear(x, self.weight, self.bias)  # W0 x + b, or (W0 + s B A) x + b when merged
         if self.merged:
             # the update already lives in the weight; take it back out only if adapters are off
             return out - self._update(x, dropout=False).to(out.dtype) if self.disabled else out
@@ -86,6 +108,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W0 + s B A. Harmless when already merged."""
+        if self.quantized_base is not None:
+            raise UserError("Cannot merge a LoRA update into a 4/8-bit quantized weight in place: W0 + s B A is not "
+                            "representable in the quantized format. Dequantize the base first "
+                            "(tunesmith.models.quantize.dequantize_model; `tunesmith merge` does this).")
         if not self.merged:
             self.weight.add_(self.delta_weight())
             self.merged = True

@@ -6,7 +6,9 @@ tunesmith is offline-first. A model comes from one of:
   - a `.gguf` file (cached the same way);
   - a local Hugging Face folder with safetensors weights;
   - a hub id, only if it is already in the local Hugging Face cache.
-Weights are read from safetensors only: pickle checkpoints can run code when loaded.
+Weights are read from safetensors. Pickle checkpoints can run code when loaded, so a folder with
+only pickle weights is refused unless `model.allow_pickle=true`, and even then is read with
+`torch.load(weights_only=True)`, which admits tensors and plain containers and runs nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -68,11 +71,29 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
 
     hf_logging.disable_progress_bar()  # a bar for a 0.1 s load is noise; ours cover the long work
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
-    )
+    pickled = not any(folder.glob("*.safetensors"))  # reached only with model.allow_pickle=true
+    try:
+        # transformers 5.x unpickles .bin via torch.load, passing weights_only (default True)
+        # (modeling_utils.load_state_dict); we pass it anyway so no default change can unpickle code.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=not pickled,
+            weights_only=True,
+        )
+    except pickle.UnpicklingError as e:
+        reason = next((l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l), str(e)[:200])
+        raise UserError(
+            f"Refused to load the pickle weights in {str(folder)!r}: they hold more than tensors, and running "
+            f"what they reference could execute code ({reason}). Get safetensors weights from a trusted source."
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are masked anyway
+    if cfg.quantization != "none" or getattr(model, "hf_quantizer", None) is not None:
+        # QLoRA's base (docs/qlora.md); a folder written by `tunesmith quantize` comes in quantized already
+        from tunesmith.models.quantize import no_cpu_repacking, quantize_model
+
+        if cfg.quantization != "none":
+            quantize_model(model, cfg.quantization, cfg.double_quant, cfg.compute_dtype, device)
+        no_cpu_repacking(model)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -90,11 +111,11 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
     if path.is_dir():
         if cfg.gguf_file:
             return cached_gguf_conversion(path / cfg.gguf_file, Path(cfg.gguf_file).stem)
-        check_safetensors_folder(path)
+        check_safetensors_folder(path, cfg.allow_pickle)
         return path
     if path.exists():
         raise UserError(f"model.name_or_path={name!r} is a file but not a .gguf file; give a model folder or a GGUF file.")
-    return cached_hub_folder(name)
+    return cached_hub_folder(name, cfg.allow_pickle)
 
 
 def builtin_gguf_path(package: str, gguf_name: str) -> Path:
@@ -112,22 +133,27 @@ def builtin_gguf_path(package: str, gguf_name: str) -> Path:
     return path
 
 
-def check_safetensors_folder(folder: Path) -> None:
+def check_safetensors_folder(folder: Path, allow_pickle: bool = False) -> None:
     if not (folder / "config.json").is_file():
         raise UserError(f"Model folder {str(folder)!r} has no config.json; is it a Hugging Face model folder?")
     if any(folder.glob("*.safetensors")):
         return
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and allow_pickle:
+        log.warning("model.allow_pickle is on: reading pickle weights %s of %s with torch.load(weights_only=True)",
+                    ", ".join(pickles), folder)
+        return
     if pickles:
         raise UserError(
             f"Model folder {str(folder)!r} holds only pickle weights ({', '.join(pickles)}). Loading a pickle can run "
             "arbitrary code, so tunesmith reads safetensors only. Convert once in a trusted environment: "
-            "AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)."
+            "AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder), "
+            "or set model.allow_pickle=true to read tensors only (torch.load with weights_only=True)."
         )
     raise UserError(f"Model folder {str(folder)!r} has no *.safetensors weights.")
 
 
-def cached_hub_folder(name: str) -> Path:
+def cached_hub_folder(name: str, allow_pickle: bool = False) -> Path:
     """A hub id works only if a snapshot is already in the local cache: nothing is downloaded."""
     try:
         from huggingface_hub import snapshot_download
@@ -139,7 +165,7 @@ def cached_hub_folder(name: str) -> Path:
             "a .gguf file, nor a hub id in the local cache. tunesmith is offline-first and downloads nothing: "
             "point model.name_or_path at a folder with config.json and *.safetensors, or at a .gguf file."
         ) from None
-    check_safetensors_folder(folder)
+    check_safetensors_folder(folder, allow_pickle)
     return folder
 
 

@@ -24,7 +24,14 @@ HEAD_CHUNK = 2048  # labelled positions per head/cross-entropy chunk
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Return (sum of token cross-entropies, number of labelled tokens) for one micro-batch."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # A packed batch has position_ids and no attention mask (see tunesmith/data/packing.py); a KV
+    # cache would make transformers ignore the packing, and training needs none.
+    hidden = model.base_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
     hidden = hidden[:, :-1]  # (B, T-1, H)
     keep = labels != IGNORE

@@ -2,7 +2,8 @@
 
 A checkpoint `checkpoints/step-N/` holds everything the next step depends on:
 
-    trainable.safetensors   the trainable weights (adapter or full model)
+    trainable.safetensors   the trainable weights (adapter or full model), plus any tensor a method
+                            changes outside the optimizer (see `checkpoint_tensors`)
     optimizer.pt            AdamW moments and step counts (tensors only; read with weights_only=True)
     rng.pt                  torch CPU (and CUDA) generator states
     state.json              step, tokens seen, Python and NumPy RNG states, the config
@@ -164,6 +165,17 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the model: every parameter that requires grad, plus the tensors a
+    module names in its `checkpoint_extra` attribute, the ones its method changes outside the
+    optimizer (Delta-LoRA's weight W and its copies of A and B)."""
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, module in model.named_modules():
+        for attr in getattr(module, "checkpoint_extra", ()):
+            out[f"{name}.{attr}" if name else attr] = getattr(module, attr)
+    return out
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
     """Restore weights, optimizer and RNG from a complete checkpoint; fail loudly naming a bad file."""
     path = Path(path)
@@ -178,8 +190,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         meta = json.loads(files["state.json"].read_text(encoding="utf-8"))
     except Exception as e:  # corrupt bytes surface as many exception types
         raise UserError(f"Checkpoint {str(path)!r} is corrupt ({type(e).__name__}: {e}).") from None
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
+    params = checkpoint_tensors(model)
+    expected = set(params)
     if set(trainable) != expected:
         missing, extra = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
         raise UserError(

@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 
 from tunesmith.config import Config
 from tunesmith.data.dataset import collate, epoch_order
+from tunesmith.data.packing import collate_packed
 from tunesmith.errors import UserError
 from tunesmith.objectives.lm import IGNORE, token_loss_sum
-from tunesmith.train.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete_checkpoints, load_checkpoint,
+                                       save_checkpoint)
 from tunesmith.train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ class Schedule:
 class BatchSource:
     """Micro-batch k of the run, by index: epoch k // B, position k % B, rows from a seeded permutation."""
 
-    def __init__(self, examples: list[dict], schedule: Schedule, seed: int, pad_id: int, device: torch.device):
+    def __init__(self, examples: list[dict], schedule: Schedule, seed: int, pad_id: int, device: torch.device,
+                 pack_len: int = 0):
         self.examples, self.schedule, self.seed, self.pad_id, self.device = examples, schedule, seed, pad_id, device
+        self.pack_len = pack_len  # > 0: padding-free rows of at most this many tokens
         self._order: tuple[int, list[int]] | None = None
 
     def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
@@ -75,12 +79,22 @@ class BatchSource:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
         bs = self.schedule.batch_size
-        rows = [self.examples[i] for i in self._order[1][position * bs : (position + 1) * bs]]
-        return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        indices = self._order[1][position * bs : (position + 1) * bs]
+        _test_hook_log_samples(k, self.schedule.grad_accum, indices)
+        rows = [self.examples[i] for i in indices]
+        batch = collate_packed(rows, self.pad_id, self.pack_len) if self.pack_len else collate(rows, self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def window(self, step: int) -> list[dict[str, torch.Tensor]]:
         first = step * self.schedule.grad_accum
         return [self.micro_batch(k) for k in range(first, first + self.schedule.grad_accum)]
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a padded or packed micro-batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["real_tokens"])
 
 
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -112,16 +126,28 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         elif path.exists():
-            kept = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= resume_step]
-            path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+            # Rewritten under a temporary name, then renamed: a kill here loses no line.
+            kept = [l for l in path.read_text(encoding="utf-8").splitlines() if l and _line_step(l) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+            os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
+def _line_step(line: str) -> float:
+    """A metrics line's step. A line cut short by a kill mid-write is always past the checkpoint: inf."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters plus tensors a method changes outside the optimizer (see checkpoint_tensors)."""
+    return checkpoint_tensors(model)
 
 
 def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int,
@@ -137,7 +163,8 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     schedule = Schedule.from_config(len(train_examples), cfg)
-    source = BatchSource(train_examples, schedule, t.seed, pad_id, device)
+    pack_len = cfg.data.max_seq_len if cfg.data.packing else 0
+    source = BatchSource(train_examples, schedule, t.seed, pad_id, device, pack_len)
     optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
     state = TrainState()
     resume_step = None
@@ -157,7 +184,8 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
     while state.step < schedule.total_steps:
         started = time.perf_counter()
         step = state.step
-        loss, grad_norm, tokens, seen = train_step(model, optimizer, source.window(step), t.max_grad_norm, loss_fn)
+        loss, grad_norm, tokens, seen = train_step(model, optimizer, source.window(step), t.max_grad_norm,
+                                                   _test_hook_kill_in_window(loss_fn, step + 1))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             set_lr(optimizer, lr_at(step, t, schedule.total_steps))
@@ -206,7 +234,7 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
 def train_step(model, optimizer, window, max_grad_norm: float, loss_fn: LossFn):
     """Forward and backward over one accumulation window; returns (loss, grad norm, tokens, labelled)."""
     labelled = sum(labelled_tokens(b) for b in window)
-    tokens = sum(int(b["attention_mask"].sum()) for b in window)
+    tokens = sum(real_tokens(b) for b in window)
     total = 0.0
     for batch in window:
         loss_sum, _ = loss_fn(model, batch)
@@ -225,3 +253,29 @@ def _test_hook_kill(step: int) -> None:
     target = os.environ.get("TUNESMITH_TEST_KILL_AT_STEP")
     if target and int(target) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_hook_kill_in_window(loss_fn: LossFn, step: int) -> LossFn:
+    """Test-only: TUNESMITH_TEST_KILL_IN_STEP=N:K sends SIGKILL inside step N, once K (< grad_accum) of its
+    micro-batches have been through forward and backward: a kill inside an accumulation window."""
+    hook = os.environ.get("TUNESMITH_TEST_KILL_IN_STEP")
+    if not hook or int(hook.split(":")[0]) != step:
+        return loss_fn
+    done, calls = int(hook.split(":")[1]), [0]
+
+    def counted(model, batch):
+        if calls[0] == done:
+            os.kill(os.getpid(), signal.SIGKILL)
+        calls[0] += 1
+        return loss_fn(model, batch)
+
+    return counted
+
+
+def _test_hook_log_samples(k: int, grad_accum: int, indices: list[int]) -> None:
+    """Test-only: TUNESMITH_TEST_LOG_SAMPLES=PATH appends one JSON line per micro-batch served:
+    {"step": 1-based step, "micro": k, "rows": row indices}, so a test can compare data orders."""
+    path = os.environ.get("TUNESMITH_TEST_LOG_SAMPLES")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": k // grad_accum + 1, "micro": k, "rows": list(indices)}) + "\n")

@@ -1,0 +1,112 @@
+"""DoRA: LoRA on the direction of each weight row, with a separately trained magnitude.
+
+Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353, Section 4.1,
+Eq. 5. A weight splits into a magnitude and a direction, W = m * V / ||V||_c; DoRA trains the
+magnitude m directly and the direction through a LoRA update:
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_c          m: (out,), A: (r, in), B: (out, r)
+    h  = W' x + b
+
+||.||_c is the paper's column-wise norm: the paper stores W as (in, out), so its columns are the
+rows of our (out, in) weight, one norm per output feature (torch.linalg.norm(W, dim=1), as peft).
+
+Initialisation: A Kaiming-uniform, B = 0 and m = ||W0||_c, so W' = W0 and training starts at the
+base model. s is LoRA's alpha / r (or alpha / sqrt(r) with method.rslora).
+
+Section 4.3: the norm is treated as a constant in backpropagation (detached), which saves the
+memory of its gradient graph and, the paper reports, changes accuracy by nothing measurable.
+The forward pass never builds W' for the input; like peft it reuses the base output W0 x:
+
+    h = W0 x + b + (m/n - 1) * W0 x + (m/n) * s * B A x,      n = ||W0 + s sg(B A)||_c
+
+With dropout active, x in the two adapter terms is dropout(x) (peft's choice, copied so that
+the two implementations agree number for number).
+
+Parameters: r * (in + out) + out per adapted layer. Merging writes W' into the weight; the norm
+at merge time is kept so that unmerging gives W0 back. The saved adapter is PEFT's LoRA format
+with use_dora=True and one extra key per layer, `<path>.lora_magnitude_vector`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.config import MethodConfig
+from tunesmith.errors import UserError
+from tunesmith.methods.lora import LoRALinear
+
+
+class DoRALinear(LoRALinear):
+    """`h = m * (W0 + s B A) / ||W0 + s B A||_c x + b`; see the module docstring."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        if not base.weight.is_floating_point():  # a bitsandbytes 4/8-bit weight (QLoRA, lora.py)
+            raise UserError("method.name=dora needs a full-precision base weight (it normalises W0 + s B A); "
+                            "with a quantized base (model.quantization) use lora or lora_fa.")
+        super().__init__(base, r, alpha, dropout, rslora)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().detach().clone())  # m: (out,)
+        self._merge_norm: torch.Tensor | None = None  # n at merge time, to undo the merge exactly
+
+    def weight_norm(self) -> torch.Tensor:
+        """n = ||W0 + s B A||_c, one L2 norm per output row, shape (out,); no gradient flows through it."""
+        with torch.no_grad():
+            lora = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
+            return torch.linalg.norm(self.weight + self.scaling * lora.to(self.weight.dtype), dim=1)
+
+    def _base_weight(self) -> torch.Tensor:
+        """W0, also while merged (then W0 = W' * n / m - s B A)."""
+        if not self.merged:
+            return self.weight
+        factor = (self.lora_magnitude_vector / self._merge_norm).view(-1, 1)
+        return self.weight / factor - super().delta_weight()
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' - W0, shape (out, in): what merging adds to the weight."""
+        with torch.no_grad():
+            w0 = self._base_weight()
+            direction = w0 + super().delta_weight()  # W0 + s B A
+            return (self.lora_magnitude_vector / torch.linalg.norm(direction, dim=1)).view(-1, 1) * direction - w0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            weight = self._base_weight() if self.disabled else self.weight
+            return F.linear(x, weight, self.bias)
+        out = F.linear(x, self.weight, self.bias)  # W0 x + b
+        if self.disabled:
+            return out
+        x = x.to(self.lora_A.weight.dtype)
+        scale = (self.lora_magnitude_vector / self.weight_norm()).to(out.dtype)  # m / n, (out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = out if self.bias is None else out - self.bias  # W0 x
+        else:
+            x = self.lora_dropout(x)
+            base = F.linear(x, self.weight)  # W0 dropout(x)
+        lora = self.lora_B(self.lora_A(x)) * self.scaling  # s B A x, (..., out)
+        return out + (scale - 1) * base + scale * lora.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- m * (W0 + s B A) / n, keeping n for unmerge. Harmless when already merged."""
+        if not self.merged:
+            norm = self.weight_norm()
+            factor = (self.lora_magnitude_vector / norm).view(-1, 1)
+            self.weight.copy_(factor * (self.weight + super().delta_weight()))
+            self._merge_norm = norm
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W' n / m - s B A, back to W0 (up to rounding). Harmless when not merged."""
+        if self.merged:
+            self.weight.copy_(self._base_weight())
+            self._merge_norm = None
+            self.merged = False
+
+
+def apply_dora(model: nn.Module, cfg: MethodConfig) -> list[str]:
+    """Freeze the model and wrap every target in a DoRALinear (A, B and m train)."""
+    from tunesmith.methods.inject import apply_lora
+
+    return apply_lora(model, cfg, DoRALinear)

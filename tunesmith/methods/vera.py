@@ -1,0 +1,247 @@
+"""VeRA: one pair of frozen random matrices for the whole model, two trained vectors per layer.
+
+Kopiczko et al. 2024, "VeRA: Vector-based Random Matrix Adaptation", arXiv:2310.11454, Section 3,
+Eq. 2. LoRA's A and B are replaced by random projections shared by every adapted layer and never
+trained; each layer learns only a scaling of their rows:
+
+    h = W0 x + b + Lb B Ld A dropout(x)
+    A: (r, max_in), B: (max_out, r)   frozen, shared; a layer uses A[:, :in] and B[:out, :]
+    Ld = diag(d), d: (r,)             trained, starts at d_init (0.1; paper Table 6c: small is best)
+    Lb = diag(b), b: (out,)           trained, starts at 0, so the model starts at the base model
+
+A and B are Kaiming-uniform (bound sqrt(6 / fan_in)), drawn from a torch CPU generator seeded with
+`method.vera_seed`: first A (r, max_in), then B (max_out, r), where max_in and max_out are the largest
+input and output sizes over the adapted layers. That is peft's `projection_prng_key` recipe, so
+the same seed gives the same matrices as peft.
+
+Parameters: r + out per adapted layer, against LoRA's r * (in + out): with r = 256 on all linear
+layers of SmolLM2-135M, 209,280 instead of LoRA r=16's 4,884,480. The rank can be large because it
+costs almost nothing; the paper uses 256 to 1024.
+
+Saved in PEFT's VeRA format (peft_type VERA): per layer `vera_lambda_b` and `vera_lambda_d`, plus
+the shared `base_model.vera_A`/`base_model.vera_B` (save_projection=True, peft's default), so a
+load never depends on the random generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.config import MethodConfig
+from tunesmith.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """U(-sqrt(6/fan_in), sqrt(6/fan_in)) with fan_in = shape[1], drawn from `generator` (peft's _kaiming_init)."""
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeRAProjections(nn.Module):
+    """The shared frozen A (r, max_in) and B (max_out, r). Non-persistent buffers: they are not part of
+    the model's state dict (the adapter file carries them) and `model.to()` moves them once."""
+
+    remove_on_unload = True  # inject.merge_and_unload drops it with the adapters
+
+    def __init__(self, r: int, max_in: int, max_out: int, seed: int):
+        super().__init__()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.register_buffer("A", kaiming_uniform((r, max_in), generator), persistent=False)
+        self.register_buffer("B", kaiming_uniform((max_out, r), generator), persistent=False)
+
+
+class VeRALinear(nn.Module):
+    """`h = W0 x + b + Lb B Ld A dropout(x)` around a frozen nn.Linear; see the module docstring."""
+
+    def __init__(self, base: nn.Linear, projections: VeRAProjections, dropout: float = 0.0, d_init: float = 0.1):
+        if not base.weight.is_floating_point():  # a bitsandbytes 4/8-bit weight (QLoRA, lora.py)
+            raise UserError("method.name=vera needs a full-precision base weight (its forward uses W0 directly); "
+                            "with a quantized base (model.quantization) use lora or lora_fa.")
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        r, max_in = projections.A.shape
+        if projections.B.shape[0] < self.out_features or max_in < self.in_features:
+            raise ValueError("VeRA projections are smaller than the layer they adapt")
+        self.r = r
+        self.weight, self.bias = base.weight, base.bias  # the base layer's own, frozen: keys unchanged
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # a plain reference, not a submodule: the projections are registered once, on the model
+        self.__dict__["projections"] = projections
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_init), **kw))  # d: (r,)
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))  # b: (out,)
+        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    def _sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A[:, :in] (r, in) and B[:out, :] (out, r)."""
+        return self.projections.A[:, : self.in_features], self.projections.B[: self.out_features, :]
+
+    def delta_weight(self) -> torch.Tensor:
+        """diag(b) B diag(d) A, shape (out, in), in the base weight's dtype."""
+        a, b = self._sliced()
+        d, lam_b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
+        delta = (lam_b[:, None] * b.float()) @ (d[:, None] * a.float())  # (out, r) @ (r, in)
+        return delta.to(self.weight.dtype)
+
+    def _update(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """b * (B (d * (A x))) for x of shape (..., in) -> (..., out)."""
+        a, b = self._sliced()
+        x = x.to(self.vera_lambda_d.dtype)
+        if dropout:
+            x = self.vera_dropout(x)
+        return self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, a), b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out - self._update(x, dropout=False).to(out.dtype) if self.disabled else out
+        if self.disabled:
+            return out
+        return out + self._update(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W0 + delta (merges in place; no weight copy)."""
+        self.merge()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"merged={self.merged}, disabled={self.disabled}")
+
+
+def vera_modules(model: nn.Module) -> list[tuple[str, VeRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, VeRALinear)]
+
+
+def apply_vera(model: nn.Module, cfg: MethodConfig) -> list[str]:
+    """Freeze the model, hang the shared projections on it (`model.vera_projections`), wrap the targets."""
+    from tunesmith.methods.inject import find_targets, weight_delta_modules
+
+    if any(True for _ in weight_delta_modules(model)):
+        raise UserError("This model already has adapters; load or apply adapters on a fresh base model.")
+    names = find_targets(model, cfg.target_modules)
+    modules = dict(model.named_modules())
+    max_in = max(modules[n].in_features for n in names)
+    max_out = max(modules[n].out_features for n in names)
+    first = modules[names[0]].weight
+    projections = VeRAProjections(cfg.r, max_in, max_out, cfg.vera_seed).to(first.device, first.dtype)
+    parents = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.add_module("vera_projections", projections)
+    for name in names:
+        parent, attr = parents[id(modules[name])]
+        setattr(parent, attr, VeRALinear(modules[name], projections, cfg.dropout, cfg.vera_d_init))
+    vera = sum(cfg.r + modules[n].out_features for n in names)
+    lora = sum(cfg.r * (modules[n].in_features + modules[n].out_features) for n in names)
+    log.info("VeRA r=%d on %d layers: %s trainable (sum of r + out); LoRA at the same rank, r * (in + out): %s",
+             cfg.r, len(names), f"{vera:,}", f"{lora:,}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's VeRA format
+
+# Fields of peft 0.21.2's VeraConfig written with their defaults.
+_PEFT_DEFAULTS = {"auto_mapping": None, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+                  "init_weights": True, "layers_pattern": None, "layers_to_transform": None,
+                  "modules_to_save": None, "revision": None, "save_projection": True}
+_UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "modules_to_save")
+
+
+def vera_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in vera_modules(model):
+        out[f"{PREFIX}{name}.vera_lambda_b"] = m.vera_lambda_b
+        out[f"{PREFIX}{name}.vera_lambda_d"] = m.vera_lambda_d
+    out["base_model.vera_A"], out["base_model.vera_B"] = model.vera_projections.A, model.vera_projections.B
+    return out
+
+
+def save_vera(model: nn.Module, out_dir: Path, cfg: MethodConfig, base_model_name_or_path: str) -> None:
+    from safetensors.torch import save as safetensors_bytes
+
+    from tunesmith.methods.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, peft_targets
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n, _ in vera_modules(model)]
+    if not names:
+        raise ValueError("save_vera: the model has no VeRA layers")
+    tensors = {k: t.detach().cpu().contiguous() for k, t in vera_state_dict(model).items()}
+    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    config = dict(sorted({
+        **_PEFT_DEFAULTS, "base_model_name_or_path": base_model_name_or_path, "d_initial": cfg.vera_d_init,
+        "peft_type": "VERA", "projection_prng_key": cfg.vera_seed, "r": cfg.r,
+        "target_modules": peft_targets(model, names), "task_type": "CAUSAL_LM", "vera_dropout": cfg.dropout,
+    }.items()))
+    _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+
+
+def load_vera(model: nn.Module, adapter_dir: Path) -> MethodConfig:
+    """Apply VeRA as adapter_config.json says and load its vectors (and projections, when saved)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tunesmith.methods.io import CONFIG_NAME, _weights_path
+
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / CONFIG_NAME
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    bad = [k for k in _UNSUPPORTED if raw.get(k)] + (["bias"] if raw.get("bias", "none") != "none" else [])
+    if bad:
+        raise UserError(f"{str(path)!r} uses VeRA options tunesmith does not support: "
+                        + ", ".join(f"{k}={raw[k]!r}" for k in bad) + ".")
+    cfg = MethodConfig(name="vera", r=raw.get("r", 256), dropout=raw.get("vera_dropout", 0.0),
+                       target_modules=raw.get("target_modules"), vera_seed=raw.get("projection_prng_key", 0),
+                       vera_d_init=raw.get("d_initial", 0.1))
+    weights = _weights_path(adapter_dir)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{str(weights)!r} is not a readable safetensors file: {e}.") from None
+    apply_vera(model, cfg)
+    params = vera_state_dict(model)
+    optional = {"base_model.vera_A", "base_model.vera_B"}  # without them the seed regenerates A and B
+    missing = sorted(params.keys() - state.keys() - optional)
+    unknown = sorted(state.keys() - params.keys())
+    if missing or unknown:
+        key = missing[0] if missing else unknown[0]
+        raise UserError(f"{str(weights)!r} {'is missing' if missing else 'has unexpected'} key {key!r}: "
+                        "was this adapter trained for a different model?")
+    with torch.no_grad():
+        for key in params.keys() & state.keys():
+            if state[key].shape != params[key].shape:
+                raise UserError(f"{str(weights)!r}: {key!r} has shape {tuple(state[key].shape)}, "
+                                f"expected {tuple(params[key].shape)}.")
+            params[key].copy_(state[key].to(params[key].dtype))
+    return cfg
