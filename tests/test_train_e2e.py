@@ -131,3 +131,40 @@ def test_kill_during_save_keeps_previous_checkpoint(workspace):
     a, b = adapter_weights(straight), adapter_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_generate_chat_and_eval_use_the_trained_adapter(workspace):
+    """The after-training commands run on the adapter the train command wrote."""
+    root, config = workspace
+    run_dir = root / "for-inference"
+    run_cli("train", str(config), f"output.dir={run_dir}", "eval.before_after=false", "train.max_steps=2")
+    model_dir = yaml.safe_load(config.read_text())["model"]["name_or_path"]
+    adapter = str(run_dir / "adapter")
+
+    out = run_cli("generate", "--model", model_dir, "--adapter", adapter, "--max-new-tokens", "5", "hello")
+    assert out.returncode == 0 and out.stdout.endswith("\n") and "Traceback" not in out.stderr
+
+    env = dict(os.environ)
+    chat = subprocess.run([sys.executable, "-m", "tunesmith", "chat", "--model", model_dir, "--adapter", adapter,
+                           "--max-new-tokens", "4"], input="hi there\nand again\n\n", capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("model> ") == 2  # one answer per message, then the empty line quits
+
+    scored = run_cli("eval", str(config), "--adapter", adapter)
+    scores = json.loads(scored.stdout[scored.stdout.index("{"):])
+    assert 0 <= scores["exact_match"] <= 100 and "valid_json" in scores
+
+    missing = run_cli("generate", "--adapter", str(root / "nope"), "--model", model_dir, "x", check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_uncached_hub_id_explains_offline_first(tmp_path, monkeypatch):
+    from tunesmith.config import ModelConfig
+    from tunesmith.errors import UserError
+    from tunesmith.models.loading import resolve_model_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="offline-first"):
+        resolve_model_folder(ModelConfig(name_or_path="some-org/not-cached-model"))
