@@ -10,7 +10,8 @@ fresh process; per method the table reports
 
   trainable        parameters that receive gradients
   artifact         bytes on disk of what `train` saved (run_dir/adapter)
-  peak RSS         the process's peak resident memory (model load, training, test scoring)
+  peak RSS         the process's peak resident memory (model load, training, test scoring), with
+                   glibc's mmap threshold fixed so that freed tensors leave RSS
   step             mean wall time from one optimizer step's start to the next (forward, backward,
                    optimizer, the method's after_step), over all but the last step
   val loss         validation loss after the last step
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,7 +168,9 @@ def main() -> None:
         cmd += ["--lr", str(args.lr)] if args.lr else []
         cmd += ["--score-base"] if i == 0 else []  # the untrained model's score, once
         print(f"[{i + 1}/{len(args.methods.split(','))}] {method} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        # fixed mmap threshold: freed tensors leave RSS, so the peak follows live memory, not glibc's caching
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not result:
             print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)

@@ -140,11 +140,27 @@ def quantize_model(model: nn.Module, quantization: str, double_quant: bool = Tru
         setattr(parent, attr, q)
         del linear
     no_cpu_repacking(model)
+    if names and device.type == "cpu":
+        own_float_tensors(model)
     if names:
         log.info("quantized %d linear layers to %s%s (compute %s): %.0f MiB -> %.0f MiB", len(names), quantization,
                  " with double quantization" if double_quant and quantization != "int8" else "",
                  str(dtype).removeprefix("torch."), before / 2**20, after / 2**20)
     return names
+
+
+@torch.no_grad()
+def own_float_tensors(model: nn.Module) -> None:
+    """Copy the float tensors left after quantizing (embeddings, norms) into memory of their own.
+
+    transformers maps the safetensors file and points the tensors into that mapping. Quantizing
+    reads every weight, so all the file's pages become resident, and they stay counted in the
+    process's memory for as long as any tensor still points into the mapping: measured on
+    SmolLM2-135M, 507 MiB of file pages after quantizing, 102 MiB once the embeddings were copied.
+    (Off the CPU, model.to(device) makes these copies anyway.)"""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and t.is_floating_point():
+            t.data = t.data.clone()
 
 
 def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
