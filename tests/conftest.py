@@ -6,8 +6,13 @@ Unit tests never touch the real model; they run on these in milliseconds. Tests 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tests never reach for a model hub (peft and transformers otherwise try, and wait on DNS).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # A ChatML template like SmolLM2's, with a default system prompt when the first message is not one.
 CHATML_TEMPLATE = (
