@@ -79,6 +79,18 @@ def build_tiny_model(vocab_size: int = 320, seed: int = 0, layers: int = 2, tie:
     return model
 
 
+def ids() -> torch.Tensor:
+    """A fixed (2, 9) batch of token ids for comparing a tiny model's logits."""
+    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
+    """The tiny model's eval-mode logits on `ids()`."""
+    model.eval()
+    with torch.no_grad():
+        return model(ids()).logits
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
@@ -14,16 +14,6 @@ from tunesmith.methods.registry import get_method, load_artifact
 
 CFG = MethodConfig(name="adapter", adapter_size=8)
 METHOD = get_method("adapter")
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def trained():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 
 from tunesmith.config import MethodConfig, TrainConfig, load_config
 from tunesmith.errors import UserError
@@ -15,16 +15,6 @@ from tunesmith.train.optim import build_optimizer
 
 CFG = MethodConfig(name="delta_lora", r=4, alpha=8, delta_lambda=0.5, target_modules=["q_proj", "up_proj"])
 METHOD = get_method("delta_lora")
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def trained(steps: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 from torch import nn
 
 from tunesmith.config import MethodConfig
@@ -17,16 +17,6 @@ from tunesmith.methods.registry import load_artifact, lora_plus_groups
 peft = pytest.importorskip("peft")
 
 CFG = MethodConfig(name="dora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def ours_trained(cfg: MethodConfig = CFG):

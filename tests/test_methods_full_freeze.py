@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
 from tunesmith.methods.freeze import find_blocks
 from tunesmith.methods.registry import get_method, load_artifact
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def perturb_trainable(model) -> None:

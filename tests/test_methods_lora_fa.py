@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 from torch import nn
 
 from tunesmith.config import MethodConfig, TrainConfig
@@ -15,16 +15,6 @@ from tunesmith.methods.lora_fa import LoRAFALinear, _FrozenAUpdate, apply_lora_f
 from tunesmith.train.optim import build_optimizer
 
 CFG = MethodConfig(name="lora_fa", r=4, alpha=8, dropout=0.0)
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def test_custom_backward_is_exact():

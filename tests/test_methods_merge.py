@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_model, build_tiny_tokenizer, ids, logits
 
 from tunesmith import commands
 from tunesmith.config import MethodConfig, load_config
@@ -20,16 +20,6 @@ MERGEABLE = {
     "lora": {}, "lora_fa": {}, "dora": {}, "vera": {"r": 8}, "delta_lora": {},
     "full": {}, "freeze": {"trainable_blocks": 1}, "peft": {"peft_config": IA3},
 }
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 
 from tunesmith.config import MethodConfig, load_config
 from tunesmith.errors import UserError
@@ -17,16 +17,6 @@ peft = pytest.importorskip("peft")
 IA3 = {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
 LOHA = {"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["q_proj", "up_proj"], "init_weights": False}
 METHOD = get_method("peft")
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def trained(peft_config: dict):

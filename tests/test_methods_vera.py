@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,16 +19,6 @@ peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # in 32/32/64, out 32/16/32: the slices differ per layer
 CFG = MethodConfig(name="vera", r=4, dropout=0.0, target_modules=TARGETS, vera_seed=11)
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def peft_vera(**kw):

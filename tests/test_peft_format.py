@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, ids, logits
 from safetensors.torch import load_file, save_file
 
 from tunesmith.config import MethodConfig
@@ -15,16 +15,6 @@ from tunesmith.methods.inject import adapter_modules, apply_lora
 from tunesmith.methods.io import adapter_state_dict, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(ids()).logits
 
 
 def ours_trained(cfg: MethodConfig):
