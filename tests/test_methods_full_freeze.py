@@ -40,6 +40,33 @@ def test_full_trains_everything_and_saves_a_transformers_folder(tmp_path):
     assert (logits(fresh) - tuned).abs().max() == 0
 
 
+def test_full_artifact_is_a_complete_transformers_folder(tmp_path, tiny_tokenizer):
+    """Loaded as `tunesmith train` loads it, the tuned model's folder also holds the tokenizer it trained with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    build_tiny_model().save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "base")))
+    method = get_method("full")
+    method.apply(model, MethodConfig(name="full"))
+    perturb_trainable(model)
+    tuned = logits(model)
+    method.save(model, tmp_path / "out", MethodConfig(name="full"), str(tmp_path / "base"))
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) - tuned).abs().max() == 0
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = '{"name": "Ada"} <|im_end|>'
+    assert saved(text).input_ids == tokenizer(text).input_ids and saved.pad_token_id == tokenizer.pad_token_id
+    messages = [{"role": "user", "content": "hi"}]
+    chat = lambda tok: tok.apply_chat_template(messages, tokenize=False)
+    assert chat(saved) == chat(tokenizer)
+    # and tunesmith's own loader takes the folder as a model
+    reloaded, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "out")))
+    assert (logits(reloaded) - tuned).abs().max() == 0
+
+
 def test_full_load_refuses_another_shape(tmp_path):
     model = build_tiny_model()
     get_method("full").save(model, tmp_path, MethodConfig(name="full"), "tiny")

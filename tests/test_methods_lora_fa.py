@@ -8,6 +8,7 @@ from conftest import build_tiny_model, ids, logits
 from torch import nn
 
 from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.methods.dropout import drop_mask
 from tunesmith.methods.inject import adapter_modules, merge_and_unload
 from tunesmith.methods.io import load_adapter, save_adapter
 from tunesmith.methods.lora import LoRALinear
@@ -35,7 +36,7 @@ def test_custom_dropout_matches_autograd_with_the_same_mask():
     torch.manual_seed(1)
     y = _FrozenAUpdate.apply(x, a, b, 1.5, 0.25)
     torch.manual_seed(1)
-    keep = torch.rand_like(x) >= 0.25  # the same draw the Function made
+    keep = ~drop_mask(x.shape, 0.25, x.device)  # the same draw the Function made
     assert 0 < keep.sum() < keep.numel()
     xr, br = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     yr = 1.5 * (xr * keep / 0.75) @ a.T @ br.T

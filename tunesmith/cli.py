@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--adapter", help="adapter folder (PEFT format) to apply")
         p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
         p.add_argument("--system", help="system prompt")
+        p.add_argument("--quantization", choices=["auto", "none", "nf4", "fp4", "int8"], default="auto",
+                       help="base quantization (default auto: as in the adapter's run, from the config.yaml beside "
+                       "it; none: the float base)")
         if name == "generate":
             p.add_argument("prompt", help="the user message")
 
@@ -104,9 +107,10 @@ def dispatch(args: argparse.Namespace) -> int:
     elif args.command == "eval":
         commands.evaluate(load_config(args.config, args.overrides), args.adapter)
     elif args.command == "generate":
-        print(commands.generate_one(args.model, args.adapter, args.prompt, args.max_new_tokens, args.system))
+        print(commands.generate_one(args.model, args.adapter, args.prompt, args.max_new_tokens, args.system,
+                                    args.quantization))
     elif args.command == "chat":
-        commands.chat(args.model, args.adapter, args.max_new_tokens, args.system)
+        commands.chat(args.model, args.adapter, args.max_new_tokens, args.system, args.quantization)
     elif args.command == "data":
         paths = commands.write_demo_data(Path(args.out), args.seed, args.variant)
         for split, path in paths.items():

@@ -57,7 +57,13 @@ class ModelConfig(Section):
 
 
 # Methods that train on a quantized (model.quantization) base; docs/qlora.md says why the others do not.
-QUANTIZED_BASE_METHODS = ("lora", "lora_fa", "adapter")
+QUANTIZED_BASE_METHODS = ("lora", "lora_fa", "dora", "vera", "adapter")
+_NOT_ON_QUANTIZED_BASE = {  # method -> why, for the error message
+    "delta_lora": "it adds a small update to W after every step, which a 4/8-bit W rounds away",
+    "full": "it trains W itself, and packed 4/8-bit weights have no gradient",
+    "freeze": "it trains the weights of whole blocks, and packed 4/8-bit weights have no gradient",
+    "peft": "the peft bridge does not set up peft's bitsandbytes layers; method.name=lora does",
+}
 
 
 class MethodConfig(Section):
@@ -89,6 +95,10 @@ class MethodConfig(Section):
     vera_d_init: float = Field(0.1, description="vera: initial value of every entry of the scaling vector d.")
     delta_lambda: float = Field(
         0.5, ge=0, description="delta_lora: after each step W moves by delta_lambda times the change of (alpha/r) B A."
+    )
+    delta_start_step: int = Field(
+        0, ge=0, description="delta_lora: warm-up, the paper's K: the first this many optimizer steps train A and B "
+        "as plain LoRA and leave W alone; W follows the change of (alpha/r) B A from then on.",
     )
     adapter_size: int = Field(64, ge=1, description="adapter: bottleneck width of each adapter.")
     peft_config: dict[str, Any] | None = Field(
@@ -135,7 +145,8 @@ class ObjectiveConfig(Section):
 class TrainConfig(Section):
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 means run train.epochs epochs.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is 0.")
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch, per process under torchrun (the global "
+                            "micro-batch is batch_size times the number of processes; docs/distributed.md).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -185,9 +196,10 @@ class Config(Section):
     @model_validator(mode="after")
     def _method_fits_quantized_base(self) -> "Config":
         if self.model.quantization != "none" and self.method.name not in QUANTIZED_BASE_METHODS:
+            why = _NOT_ON_QUANTIZED_BASE.get(self.method.name, "it is not wired for one")
             raise ValueError(f"method.name={self.method.name} cannot train on a quantized base (model.quantization="
-                             f"{self.model.quantization}); use {' or '.join(QUANTIZED_BASE_METHODS)}, or "
-                             "model.quantization=none (docs/qlora.md says why)")
+                             f"{self.model.quantization}): {why}. Use one of {', '.join(QUANTIZED_BASE_METHODS)}, "
+                             "or model.quantization=none (docs/qlora.md)")
         return self
 
     def resolved_objective(self, data_format: str) -> str:

@@ -6,8 +6,9 @@ A folder with
     weights.safetensors       tensors under the model's own state-dict keys (e.g.
                               model.layers.29.mlp.up_proj.weight, model.layers.0.mlp.adapter.down.weight)
 
-(`full` writes a plain transformers folder instead and adds only the json.) A PEFT adapter folder
-has adapter_config.json instead; `registry.load_artifact` tells the two apart by that file.
+(`full` writes a complete transformers folder, weights and tokenizer, instead and adds only the json.)
+A PEFT adapter folder has adapter_config.json instead; `registry.load_artifact` tells the two apart
+by that file.
 """
 
 from __future__ import annotations

@@ -22,6 +22,14 @@ The forward pass never builds W' for the input; like peft it reuses the base out
 With dropout active, x in the two adapter terms is dropout(x) (peft's choice, copied so that
 the two implementations agree number for number).
 
+QLoRA base ("QDoRA"; peft does the same): over a bitsandbytes 4/8-bit layer, W0 x + b is that
+layer's forward, and the row norms need W0 itself, so every forward dequantizes W0 into a
+temporary (weight_delta.frozen_weight), takes n from it under no_grad and drops it: no float copy
+of the weight is kept, at the cost of one dequantization per layer and forward (the quantized
+matmul does one more). The magnitude starts at the norms of the dequantized W0, as in peft.
+With dropout, W0 dropout(x) also goes through the quantized layer, so its backward keeps only the
+packed weight. Merging needs a dequantized base (quantize.dequantize_model), as for LoRA.
+
 Parameters: r * (in + out) + out per adapted layer. Merging writes W' into the weight; the norm
 at merge time is kept so that unmerging gives W0 back. The saved adapter is PEFT's LoRA format
 with use_dora=True and one extra key per layer, `<path>.lora_magnitude_vector`.
@@ -34,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config import MethodConfig
-from tunesmith.errors import UserError
 from tunesmith.methods.lora import LoRALinear
 
 
@@ -42,25 +49,32 @@ class DoRALinear(LoRALinear):
     """`h = m * (W0 + s B A) / ||W0 + s B A||_c x + b`; see the module docstring."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        if not base.weight.is_floating_point():  # a bitsandbytes 4/8-bit weight (QLoRA, lora.py)
-            raise UserError("method.name=dora needs a full-precision base weight (it normalises W0 + s B A); "
-                            "with a quantized base (model.quantization) use lora or lora_fa.")
         super().__init__(base, r, alpha, dropout, rslora)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm().detach().clone())  # m: (out,)
         self._merge_norm: torch.Tensor | None = None  # n at merge time, to undo the merge exactly
 
-    def weight_norm(self) -> torch.Tensor:
-        """n = ||W0 + s B A||_c, one L2 norm per output row, shape (out,); no gradient flows through it."""
+    def weight_norm(self, w0: torch.Tensor | None = None) -> torch.Tensor:
+        """n = ||W0 + s B A||_c, one L2 norm per output row, shape (out,); no gradient flows through it.
+        `w0`: W0 as floats if the caller has it (over a quantized base: dequantized, see frozen_weight)."""
         with torch.no_grad():
+            w0 = self.frozen_weight() if w0 is None else w0
             lora = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
-            return torch.linalg.norm(self.weight + self.scaling * lora.to(self.weight.dtype), dim=1)
+            return torch.linalg.norm(w0 + self.scaling * lora.to(w0.dtype), dim=1)
 
     def _base_weight(self) -> torch.Tensor:
-        """W0, also while merged (then W0 = W' * n / m - s B A)."""
+        """W0 as floats, also while merged (then W0 = W' * n / m - s B A)."""
         if not self.merged:
-            return self.weight
+            return self.frozen_weight()
         factor = (self.lora_magnitude_vector / self._merge_norm).view(-1, 1)
         return self.weight / factor - super().delta_weight()
+
+    def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x, without the bias. A quantized base goes through its own layer, whose backward keeps only
+        the packed weight; F.linear with a dequantized W0 would keep that float copy alive until backward."""
+        if self.quantized_base is None:
+            return F.linear(x, self.weight)
+        out = self.quantized_base(x)
+        return out if self.bias is None else out - self.bias
 
     def delta_weight(self) -> torch.Tensor:
         """W' - W0, shape (out, in): what merging adds to the weight."""
@@ -73,7 +87,7 @@ class DoRALinear(LoRALinear):
         if self.merged:
             weight = self._base_weight() if self.disabled else self.weight
             return F.linear(x, weight, self.bias)
-        out = F.linear(x, self.weight, self.bias)  # W0 x + b
+        out = self.base_forward(x)  # W0 x + b (dequantized inside for a quantized base)
         if self.disabled:
             return out
         x = x.to(self.lora_A.weight.dtype)
@@ -82,13 +96,14 @@ class DoRALinear(LoRALinear):
             base = out if self.bias is None else out - self.bias  # W0 x
         else:
             x = self.lora_dropout(x)
-            base = F.linear(x, self.weight)  # W0 dropout(x)
+            base = self._base_matmul(x)  # W0 dropout(x)
         lora = self.lora_B(self.lora_A(x)) * self.scaling  # s B A x, (..., out)
         return out + (scale - 1) * base + scale * lora.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """W <- m * (W0 + s B A) / n, keeping n for unmerge. Harmless when already merged."""
+        self.check_mergeable()
         if not self.merged:
             norm = self.weight_norm()
             factor = (self.lora_magnitude_vector / norm).view(-1, 1)

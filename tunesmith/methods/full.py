@@ -8,13 +8,17 @@ than any adapter, at a price: AdamW keeps two moments per parameter, so training
 + gradient + 2 moments = 16 bytes per parameter in fp32 (2.2 GB for SmolLM2-135M), and the
 artifact is a whole model.
 
-Artifact: a plain transformers folder (config.json, model.safetensors; AutoModelForCausalLM
-loads it as is) plus tunesmith_artifact.json naming the base model, so `--adapter` and `merge`
-treat it like any other artifact. Loading copies its weights into a base model of the same shape.
+Artifact: a complete transformers folder (config.json, model.safetensors and the tokenizer's files;
+AutoModelForCausalLM and AutoTokenizer load it as is) plus tunesmith_artifact.json naming the base
+model, so `--adapter` and `merge` treat it like any other artifact. The tokenizer is the one of the
+folder the model was loaded from (transformers records it as model.name_or_path; built-in and GGUF
+models load from their converted folder, which holds one), so the method's save signature stays
+the same as every other method's. Loading copies the weights into a base model of the same shape.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +28,8 @@ from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
 from tunesmith.methods.artifact import copy_into, read_artifact_config, read_weights, write_artifact
 
+log = logging.getLogger(__name__)
+
 
 def apply_full(model: nn.Module, cfg: MethodConfig) -> list[str]:
     """Every parameter trains. Returns the names of the modules that hold parameters directly."""
@@ -32,10 +38,32 @@ def apply_full(model: nn.Module, cfg: MethodConfig) -> list[str]:
     return [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
 
-def save_full(model: nn.Module, out_dir: Path, cfg: MethodConfig, base_model_name_or_path: str) -> None:
-    """model.save_pretrained (safetensors) plus tunesmith_artifact.json."""
+def source_tokenizer(model: nn.Module):
+    """The tokenizer of the folder `model` was loaded from, as models.loading loads it; None if there is none."""
+    from tunesmith.models.loading import load_tokenizer
+
+    folder = Path(getattr(model, "name_or_path", "") or "")
+    if not str(folder) or not (folder / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return load_tokenizer(folder)
+    except (OSError, ValueError) as e:  # e.g. a tokenizer that needs trust_remote_code
+        log.warning("could not load the tokenizer of %s (%s)", folder, e)
+        return None
+
+
+def save_full(model: nn.Module, out_dir: Path, cfg: MethodConfig, base_model_name_or_path: str,
+              tokenizer=None) -> None:
+    """model.save_pretrained (safetensors), the tokenizer (default: the model's source folder's), and
+    tunesmith_artifact.json."""
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer = tokenizer if tokenizer is not None else source_tokenizer(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    else:
+        log.warning("%s holds no tokenizer (the model was not loaded from a folder with one): copy the base "
+                    "model's tokenizer files into it to load it with AutoTokenizer", out)
     write_artifact(out, "full", base_model_name_or_path, {})
 
 

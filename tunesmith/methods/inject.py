@@ -22,6 +22,7 @@ from torch import nn
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
 from tunesmith.methods.lora import LoRALinear
+from tunesmith.methods.weight_delta import WeightDeltaLinear
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -31,11 +32,11 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def weight_delta_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) for every adapter whose update folds into its weight: the protocol is
-    `weight`, `delta_weight()`, `merge()`, `unmerge()`, `to_linear()` (LoRA family, VeRA)."""
+def weight_delta_modules(model: nn.Module) -> Iterator[tuple[str, WeightDeltaLinear]]:
+    """(name, module) for every adapter whose update folds into its weight (weight_delta.py: `weight`,
+    `delta_weight()`, `merge()`, `unmerge()`, `to_linear()`; the LoRA family and VeRA)."""
     for name, module in model.named_modules():
-        if callable(getattr(module, "to_linear", None)) and callable(getattr(module, "delta_weight", None)):
+        if isinstance(module, WeightDeltaLinear):
             yield name, module
 
 

@@ -17,7 +17,7 @@ What it saves is activation memory. B's gradient needs only z = A dropout(x), r 
 so the adapter path keeps z for the backward pass, never x. Plain LoRA must keep dropout(x)
 (`in` floats per token, per adapted layer) for A's gradient. `_FrozenAUpdate` below states this
 explicitly rather than relying on autograd's bookkeeping, and does the adapter's dropout itself:
-  - with dropout (method.dropout > 0, training) it keeps the keep-mask as bool, one byte per
+  - with dropout (method.dropout > 0, training) it keeps the drop mask as bool, one byte per
     input element; nn.Dropout on CPU would keep a float mask (four bytes) for the input gradient;
   - the base matmul W0 x with a frozen W0 saves nothing new: its input gradient needs W0 only;
   - everything outside the adapted linear layers (attention, norms, activations) is unchanged.
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import MethodConfig
+from tunesmith.methods.dropout import drop_mask
 from tunesmith.methods.lora import LoRALinear
 
 
@@ -42,24 +43,24 @@ class _FrozenAUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
-        keep = None
+        dropped = None
         if p > 0:
-            keep = torch.rand_like(x) >= p  # bool, (..., in)
-            x = x * keep / (1 - p)  # a temporary: not kept for backward
+            dropped = drop_mask(x.shape, p, x.device)  # bool, (..., in); fast on the CPU: methods/dropout.py
+            x = x.masked_fill(dropped, 0.0).mul_(1 / (1 - p))  # a temporary: not kept for backward
         z = x @ a.t()  # (..., r)
-        ctx.save_for_backward(z, a, b, keep)
+        ctx.save_for_backward(z, a, b, dropped)
         ctx.scaling, ctx.p = scaling, p
         return (z @ b.t()) * scaling  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        z, a, b, keep = ctx.saved_tensors
+        z, a, b, dropped = ctx.saved_tensors
         grad_y = grad_y * ctx.scaling
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_y @ b) @ a  # (..., out) -> (..., r) -> (..., in)
-            if keep is not None:
-                grad_x = grad_x * keep / (1 - ctx.p)
+            if dropped is not None:
+                grad_x = grad_x.masked_fill_(dropped, 0.0).mul_(1 / (1 - ctx.p))
         if ctx.needs_input_grad[2]:
             # (out, N) @ (N, r) -> (out, r), N = all tokens
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).t() @ z.reshape(-1, z.shape[-1])

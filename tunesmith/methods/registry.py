@@ -136,7 +136,8 @@ def describe_method(cfg: MethodConfig) -> str:
     lora = f"r={cfg.r} alpha={cfg.alpha}{' rslora' if cfg.rslora else ''} targets={cfg.target_modules}"
     lora += f" lora_plus_ratio={cfg.lora_plus_ratio}" if cfg.lora_plus_ratio else ""
     detail = {
-        "lora": lora, "lora_fa": lora, "dora": lora, "delta_lora": f"{lora} lambda={cfg.delta_lambda}",
+        "lora": lora, "lora_fa": lora, "dora": lora,
+        "delta_lora": f"{lora} lambda={cfg.delta_lambda} start_step={cfg.delta_start_step}",
         "vera": f"r={cfg.r} seed={cfg.vera_seed} d_init={cfg.vera_d_init} targets={cfg.target_modules}",
         "adapter": f"size={cfg.adapter_size}", "full": "",
         "freeze": f"last {cfg.trainable_blocks} blocks" + (f", {cfg.trainable_modules}" * bool(cfg.trainable_modules)),

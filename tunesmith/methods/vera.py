@@ -18,6 +18,10 @@ Parameters: r + out per adapted layer, against LoRA's r * (in + out): with r = 2
 layers of SmolLM2-135M, 209,280 instead of LoRA r=16's 4,884,480. The rank can be large because it
 costs almost nothing; the paper uses 256 to 1024.
 
+The update path never reads W0, so over a QLoRA base (a bitsandbytes 4/8-bit layer) nothing
+changes: W0 x + b is the quantized layer's own forward, and A, B, b, d take its compute dtype.
+Owning W0 and b, merging (into a dequantized weight only) and `disabled` are weight_delta.py's.
+
 Saved in PEFT's VeRA format (peft_type VERA): per layer `vera_lambda_b` and `vera_lambda_d`, plus
 the shared `base_model.vera_A`/`base_model.vera_B` (save_projection=True, peft's default), so a
 load never depends on the random generator.
@@ -36,6 +40,8 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
+from tunesmith.methods.dropout import Dropout
+from tunesmith.methods.weight_delta import WeightDeltaLinear, adapter_dtype
 
 log = logging.getLogger(__name__)
 
@@ -61,42 +67,32 @@ class VeRAProjections(nn.Module):
         self.register_buffer("B", kaiming_uniform((max_out, r), generator), persistent=False)
 
 
-class VeRALinear(nn.Module):
-    """`h = W0 x + b + Lb B Ld A dropout(x)` around a frozen nn.Linear; see the module docstring."""
+class VeRALinear(WeightDeltaLinear):
+    """`h = W0 x + b + Lb B Ld A dropout(x)` around a frozen linear layer; see the module docstring."""
 
     def __init__(self, base: nn.Linear, projections: VeRAProjections, dropout: float = 0.0, d_init: float = 0.1):
-        if not base.weight.is_floating_point():  # a bitsandbytes 4/8-bit weight (QLoRA, lora.py)
-            raise UserError("method.name=vera needs a full-precision base weight (its forward uses W0 directly); "
-                            "with a quantized base (model.quantization) use lora or lora_fa.")
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        super().__init__(base)  # owns W0 and b, or calls a quantized base for them (weight_delta.py)
         r, max_in = projections.A.shape
         if projections.B.shape[0] < self.out_features or max_in < self.in_features:
             raise ValueError("VeRA projections are smaller than the layer they adapt")
         self.r = r
-        self.weight, self.bias = base.weight, base.bias  # the base layer's own, frozen: keys unchanged
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         # a plain reference, not a submodule: the projections are registered once, on the model
         self.__dict__["projections"] = projections
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        kw = {"device": base.weight.device, "dtype": self.adapter_dtype}
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_init), **kw))  # d: (r,)
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))  # b: (out,)
-        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.disabled = False
+        self.vera_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # fast CPU masks: methods/dropout.py
 
     def _sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:, :in] (r, in) and B[:out, :] (out, r)."""
         return self.projections.A[:, : self.in_features], self.projections.B[: self.out_features, :]
 
     def delta_weight(self) -> torch.Tensor:
-        """diag(b) B diag(d) A, shape (out, in), in the base weight's dtype."""
+        """diag(b) B diag(d) A, shape (out, in), in the weight's dtype (over a quantized base: the compute dtype)."""
         a, b = self._sliced()
         d, lam_b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
         delta = (lam_b[:, None] * b.float()) @ (d[:, None] * a.float())  # (out, r) @ (r, in)
-        return delta.to(self.weight.dtype)
+        return delta.to(self._delta_dtype())
 
     def _update(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         """b * (B (d * (A x))) for x of shape (..., in) -> (..., out)."""
@@ -106,36 +102,8 @@ class VeRALinear(nn.Module):
             x = self.vera_dropout(x)
         return self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, a), b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return out - self._update(x, dropout=False).to(out.dtype) if self.disabled else out
-        if self.disabled:
-            return out
-        return out + self._update(x).to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.weight.add_(self.delta_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.sub_(self.delta_weight())
-            self.merged = False
-
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W0 + delta (merges in place; no weight copy)."""
-        self.merge()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
-
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"merged={self.merged}, disabled={self.disabled}")
+        return f"{super().extra_repr()}, r={self.r}"
 
 
 def vera_modules(model: nn.Module) -> list[tuple[str, VeRALinear]]:
@@ -152,8 +120,8 @@ def apply_vera(model: nn.Module, cfg: MethodConfig) -> list[str]:
     modules = dict(model.named_modules())
     max_in = max(modules[n].in_features for n in names)
     max_out = max(modules[n].out_features for n in names)
-    first = modules[names[0]].weight
-    projections = VeRAProjections(cfg.r, max_in, max_out, cfg.vera_seed).to(first.device, first.dtype)
+    first = modules[names[0]]  # the projections live where the adapters compute: a quantized base's compute dtype
+    projections = VeRAProjections(cfg.r, max_in, max_out, cfg.vera_seed).to(first.weight.device, adapter_dtype(first))
     parents = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -66,11 +66,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     folder = resolve_model_folder(cfg)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: Python code shipped with %s will run.", folder)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for a 0.1 s load is noise; ours cover the long work
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     pickled = not any(folder.glob("*.safetensors"))  # reached only with model.allow_pickle=true
     try:
         # transformers 5.x unpickles .bin via torch.load, passing weights_only (default True)
@@ -85,8 +85,6 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
             f"Refused to load the pickle weights in {str(folder)!r}: they hold more than tensors, and running "
             f"what they reference could execute code ({reason}). Get safetensors weights from a trusted source."
         ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are masked anyway
     if cfg.quantization != "none" or getattr(model, "hf_quantizer", None) is not None:
         # QLoRA's base (docs/qlora.md); a folder written by `tunesmith quantize` comes in quantized already
         from tunesmith.models.quantize import no_cpu_repacking, quantize_model
@@ -97,6 +95,17 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a model folder, with a pad token (the EOS token when it has none): batching needs a
+    pad id, and padded labels are masked anyway. `full` saves this same tokenizer with its artifact."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def resolve_model_folder(cfg: ModelConfig) -> Path:

@@ -188,7 +188,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             base = getattr(child, "quantized_base", None)
-            if base is not None:  # LoRALinear (and subclasses) over a bitsandbytes layer
+            if base is not None:  # an adapter (methods/weight_delta.py: LoRA family, VeRA) over a bitsandbytes layer
                 child.weight = nn.Parameter(dequantize_weight(base, dtype), requires_grad=False)
                 child.quantized_base = None
                 count += 1

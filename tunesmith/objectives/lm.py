@@ -39,7 +39,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     states = hidden[keep]  # (N, H): only positions that carry a label
     head = model.get_output_embeddings()
     total = hidden.new_zeros(())
-    for start in range(0, targets.numel(), HEAD_CHUNK):
+    # At least one (possibly empty) chunk: a batch without labels then still reaches the head and
+    # every weight with a zero gradient, as DDP expects of every process (see train/loop.py).
+    for start in range(0, max(1, targets.numel()), HEAD_CHUNK):
         logits = head(states[start : start + HEAD_CHUNK]).float()  # (chunk, V)
         total = total + F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="sum")
     return total, int(targets.numel())

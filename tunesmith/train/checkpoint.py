@@ -16,6 +16,12 @@ Writing: everything goes into `.tmp-step-N/`, each file is fsynced, the marker i
 then the folder is renamed to `step-N` and the parent directory fsynced. A run killed at any
 instant leaves either the previous checkpoints untouched plus a stray temp folder (removed on the
 next save), or a complete new checkpoint.
+
+Under torchrun every process calls save_checkpoint and load_checkpoint. Saving gathers FSDP2
+shards and every process's RNG state to rank 0, which alone writes (the same files as one process
+writes, plus `rank{r}/...` RNG entries in rng.pt); the others wait until the checkpoint is
+complete. Loading: every process reads the files (output.dir must be shared by all nodes) and cuts
+its own shards, so a checkpoint resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
+from tunesmith.train import distributed
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -102,13 +109,21 @@ def save_checkpoint(
     """
     root = Path(run_dir) / "checkpoints"
     tmp = root / f".tmp-step-{state.step}"
+    final = root / f"step-{state.step}"
+    rngs = distributed.gather_objects(rng_snapshot())
+    if distributed.world() > 1:
+        trainable, optimizer_state = distributed.gather_to_main(trainable), distributed.gather_optimizer_state(optimizer)
+    else:
+        optimizer_state = optimizer.state_dict()
+    if not distributed.is_main():
+        distributed.barrier()  # returns once rank 0 has written the checkpoint
+        return final
     try:
         root.mkdir(parents=True, exist_ok=True)
         for stray in root.glob(".tmp-*"):  # left by a run killed mid-save
             shutil.rmtree(stray, ignore_errors=True)
         tmp.mkdir()
-        write_checkpoint_files(tmp, state, trainable, optimizer, config)
-        final = root / f"step-{state.step}"
+        write_checkpoint_files(tmp, state, trainable, optimizer_state, rngs, config)
         if final.exists():  # a re-save of the same step (e.g. resumed exactly at the end)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -120,13 +135,19 @@ def save_checkpoint(
             "The newest complete checkpoint is intact; free space or fix permissions, then resume."
         ) from None
     prune_checkpoints(root, keep)
+    distributed.barrier()  # no process runs ahead of a checkpoint that is not complete yet
     return final
 
 
-def write_checkpoint_files(folder: Path, state: TrainState, trainable: dict, optimizer, config: dict) -> None:
-    rng_tensors, rng_plain = rng_snapshot()
+def write_checkpoint_files(folder: Path, state: TrainState, trainable: dict, optimizer_state: dict,
+                           rngs: list[tuple[dict, dict]], config: dict) -> None:
+    """`rngs`: (tensors, plain) RNG states of each process; rank 0's under the plain names, so one
+    process resumes from it as from its own; the others' torch states as `rank{r}/name`."""
+    rng_tensors, rng_plain = rngs[0]
+    for r, (tensors, _) in enumerate(rngs[1:], start=1):
+        rng_tensors = {**rng_tensors, **{f"rank{r}/{k}": v for k, v in tensors.items()}}
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, folder / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(optimizer_state, folder / "optimizer.pt")
     torch.save(rng_tensors, folder / "rng.pt")
     meta = {"train_state": state.__dict__, "rng": rng_plain, "config": config}
     (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -190,17 +211,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         meta = json.loads(files["state.json"].read_text(encoding="utf-8"))
     except Exception as e:  # corrupt bytes surface as many exception types
         raise UserError(f"Checkpoint {str(path)!r} is corrupt ({type(e).__name__}: {e}).") from None
+    copy_trainable(model, trainable, files["trainable.safetensors"])
+    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, opt_state))
+    # This process's torch RNG states if the checkpoint has them (written by as many processes), else rank 0's.
+    own = {k.split("/", 1)[1]: v for k, v in rng_tensors.items() if k.startswith(f"rank{distributed.rank()}/")}
+    rng_restore(own or {k: v for k, v in rng_tensors.items() if "/" not in k}, meta["rng"])
+    return TrainState(**meta["train_state"])
+
+
+def copy_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy a checkpoint's tensors into the model (each process's shard of them under FSDP2)."""
     params = checkpoint_tensors(model)
     expected = set(params)
     if set(trainable) != expected:
         missing, extra = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
         raise UserError(
-            f"Checkpoint {str(files['trainable.safetensors'])!r} does not match the model's trainable weights "
+            f"Checkpoint {str(source)!r} does not match the model's trainable weights "
             f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written with another config?"
         )
     with torch.no_grad():
         for name, tensor in trainable.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(opt_state)
-    rng_restore(rng_tensors, meta["rng"])
-    return TrainState(**meta["train_state"])
+            params[name].copy_(distributed.shard_like(params[name], tensor))

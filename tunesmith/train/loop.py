@@ -11,6 +11,9 @@ between objectives lives in `loss_fn`. The loop only does this, per optimizer st
 Because the data order, the schedule and the RNG states are functions of the step or saved in
 the checkpoint, a killed run resumed from its newest checkpoint ends bit-exact with an
 uninterrupted one (fp32, CPU).
+
+Under torchrun every process runs this loop on its share of each micro-batch, through the DDP or
+FSDP2 wrapper of distributed.py; counts, loss and gradient norm are those of the global window.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tunesmith.data.dataset import collate, epoch_order
 from tunesmith.data.packing import collate_packed
 from tunesmith.errors import UserError
 from tunesmith.objectives.lm import IGNORE, token_loss_sum
+from tunesmith.train import distributed
 from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete_checkpoints, load_checkpoint,
                                        save_checkpoint)
 from tunesmith.train.optim import build_optimizer, lr_at, set_lr
@@ -56,17 +60,22 @@ class Schedule:
         return math.ceil(self.rows / self.batch_size)
 
     @classmethod
-    def from_config(cls, rows: int, cfg: Config) -> "Schedule":
+    def from_config(cls, rows: int, cfg: Config, world: int = 1) -> "Schedule":
+        """`world` processes each take train.batch_size rows of a micro-batch: batch_size is the global one."""
         t = cfg.train
         if rows == 0:
             raise UserError("No training rows are left after validation; check data.train and data.max_seq_len.")
-        per_epoch = math.ceil(rows / t.batch_size)
+        batch_size = t.batch_size * world
+        per_epoch = math.ceil(rows / batch_size)
         steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
-        return cls(rows, t.batch_size, t.grad_accum, steps)
+        return cls(rows, batch_size, t.grad_accum, steps)
 
 
 class BatchSource:
-    """Micro-batch k of the run, by index: epoch k // B, position k % B, rows from a seeded permutation."""
+    """Micro-batch k of the run, by index: epoch k // B, position k % B, rows from a seeded permutation.
+
+    Under torchrun micro-batch k is global (schedule.batch_size rows, the same on every process) and
+    each process trains on its own contiguous share of it (distributed.share)."""
 
     def __init__(self, examples: list[dict], schedule: Schedule, seed: int, pad_id: int, device: torch.device,
                  pack_len: int = 0):
@@ -80,8 +89,11 @@ class BatchSource:
             self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
         bs = self.schedule.batch_size
         indices = self._order[1][position * bs : (position + 1) * bs]
-        _test_hook_log_samples(k, self.schedule.grad_accum, indices)
-        rows = [self.examples[i] for i in indices]
+        mine = distributed.share(indices)
+        _test_hook_log_samples(k, self.schedule.grad_accum, mine)
+        # A short last micro-batch can leave a process no row. It runs an unlabelled row instead (no
+        # loss, zero gradient): DDP and FSDP2 need every process in every forward and backward.
+        rows = [self.examples[i] for i in mine] or [unlabelled(self.examples[indices[0]])]
         batch = collate_packed(rows, self.pad_id, self.pack_len) if self.pack_len else collate(rows, self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -101,28 +113,43 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def unlabelled(example: dict) -> dict:
+    """`example` with every label ignored: a forward and backward that change nothing."""
+    return {**example, "labels": [IGNORE] * len(example["labels"])}
+
+
 @torch.no_grad()
 def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn: LossFn = token_loss_sum):
-    """Token-weighted mean loss over `examples` (eval mode: no dropout, no RNG use)."""
+    """Token-weighted mean loss over `examples` (eval mode: no dropout, no RNG use).
+
+    Under torchrun process r scores batches r, r + world, ...; in the last round a process left
+    without one runs an unlabelled row, because FSDP2 needs every process in every forward."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+    starts = range(0, len(examples), batch_size)
+    for first in range(0, len(starts), distributed.world()):
+        j = first + distributed.rank()
+        rows = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else [unlabelled(examples[0])]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
         loss_sum, n = loss_fn(model, batch)
         total, count = total + float(loss_sum), count + n
+    total, count = distributed.sum_over_ranks(total, count)
     model.train(was_training)
     return total / max(1, count)
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped.
+    Rank 0 alone writes it; on the other processes this is a no-op."""
 
     def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+        self.path = path if distributed.is_main() else None
+        if self.path is None:
+            return
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         elif path.exists():
@@ -133,6 +160,8 @@ class MetricsLog:
             os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -151,20 +180,28 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int,
-          loss_fn: LossFn = token_loss_sum, param_groups: list[dict] | None = None,
+          loss_fn: LossFn = token_loss_sum,
+          param_groups: list[dict] | Callable[[torch.nn.Module], list[dict]] | None = None,
           after_step: Callable[[torch.nn.Module], None] | None = None):
     """Train `model` in place. Returns the final TrainState.
 
     `param_groups` (default: every trainable parameter at the base rate) and `after_step` come
     from the method, so methods that change the training rule need no branch in this loop.
+    `param_groups` may be a function of the model: under torchrun with method.name=full, FSDP2
+    replaces every parameter by a shard, so the groups must be built after it did (distributed.py),
+    and on return `model` holds shards (the final checkpoint holds the whole weights).
     """
     device = next(model.parameters()).device
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
-    schedule = Schedule.from_config(len(train_examples), cfg)
+    distributed.init(device.type)
+    schedule = Schedule.from_config(len(train_examples), cfg, distributed.world())
     pack_len = cfg.data.max_seq_len if cfg.data.packing else 0
     source = BatchSource(train_examples, schedule, t.seed, pad_id, device, pack_len)
+    runner, loss_fn = distributed.wrap(model, loss_fn, cfg.method.name)  # (model, loss_fn) for one process
+    if callable(param_groups):
+        param_groups = param_groups(model)
     optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
     state = TrainState()
     resume_step = None
@@ -179,13 +216,15 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
     metrics = MetricsLog(Path(run_dir) / "metrics.jsonl", resume_step)
     config_dict = cfg.to_dict()
 
-    model.train()
-    bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    runner.train()
+    bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not distributed.is_main())
     while state.step < schedule.total_steps:
         started = time.perf_counter()
         step = state.step
-        loss, grad_norm, tokens, seen = train_step(model, optimizer, source.window(step), t.max_grad_norm,
+        loss, grad_norm, tokens, seen = train_step(runner, optimizer, source.window(step), t.max_grad_norm,
                                                    _test_hook_kill_in_window(loss_fn, step + 1))
+        # loss and grad_norm are global (summed or combined over processes): every process decides alike
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             set_lr(optimizer, lr_at(step, t, schedule.total_steps))
@@ -220,9 +259,10 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         last = state.step == schedule.total_steps
         if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
-            val = validation_loss(model, val_examples, t.batch_size, pad_id, loss_fn)
+            val = validation_loss(runner, val_examples, t.batch_size, pad_id, loss_fn)
             metrics.write({"step": state.step, "val_loss": val})
-            bar.write(f"step {state.step}: validation loss {val:.4f}")
+            if distributed.is_main():
+                bar.write(f"step {state.step}: validation loss {val:.4f}")
         if (t.save_every and state.step % t.save_every == 0) or last:
             save_checkpoint(run_dir, state, trainable_state(model), optimizer, config_dict, t.keep_checkpoints)
         _test_hook_kill(state.step)
@@ -232,26 +272,33 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
 
 
 def train_step(model, optimizer, window, max_grad_norm: float, loss_fn: LossFn):
-    """Forward and backward over one accumulation window; returns (loss, grad norm, tokens, labelled)."""
-    labelled = sum(labelled_tokens(b) for b in window)
-    tokens = sum(real_tokens(b) for b in window)
+    """Forward and backward over one accumulation window; returns (loss, grad norm, tokens, labelled).
+
+    Under torchrun every count and the loss are those of the global window (all processes)."""
+    labelled, tokens = map(int, distributed.sum_over_ranks(sum(labelled_tokens(b) for b in window),
+                                                            sum(real_tokens(b) for b in window)))
     total = 0.0
-    for batch in window:
-        loss_sum, _ = loss_fn(model, batch)
-        # Normalise by the labelled tokens of the whole window, so k micro-batches of B/k rows
-        # give the same gradient as one batch of B rows.
-        (loss_sum / max(1, labelled)).backward()
+    for i, batch in enumerate(window):
+        with distributed.grad_sync(model, enabled=i == len(window) - 1):
+            loss_sum, _ = loss_fn(model, batch)
+            # Normalise by the labelled tokens of the whole window, so k micro-batches of B/k rows
+            # give the same gradient as one batch of B rows. DDP and FSDP2 average the gradients of
+            # the processes: times world, the average is the sum, the gradient of the global window.
+            (loss_sum * distributed.world() / max(1, labelled)).backward()
         total += float(loss_sum.detach())
+    (total,) = distributed.sum_over_ranks(total)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+    grad_norm = distributed.clip_grad_norm(params, limit) if params else 0.0
     return total / max(1, labelled), grad_norm, tokens, labelled
 
 
 def _test_hook_kill(step: int) -> None:
-    """Test-only: TUNESMITH_TEST_KILL_AT_STEP=N sends this process SIGKILL right after step N."""
+    """Test-only: TUNESMITH_TEST_KILL_AT_STEP=N sends this process SIGKILL right after step N. Under
+    torchrun TUNESMITH_TEST_KILL_RANK=R limits it to rank R (torchrun then takes the others down)."""
     target = os.environ.get("TUNESMITH_TEST_KILL_AT_STEP")
-    if target and int(target) == step:
+    only = os.environ.get("TUNESMITH_TEST_KILL_RANK")
+    if target and int(target) == step and (only is None or int(only) == distributed.rank()):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -274,8 +321,12 @@ def _test_hook_kill_in_window(loss_fn: LossFn, step: int) -> LossFn:
 
 def _test_hook_log_samples(k: int, grad_accum: int, indices: list[int]) -> None:
     """Test-only: TUNESMITH_TEST_LOG_SAMPLES=PATH appends one JSON line per micro-batch served:
-    {"step": 1-based step, "micro": k, "rows": row indices}, so a test can compare data orders."""
+    {"step": 1-based step, "micro": k, "rows": row indices}, so a test can compare data orders. Under
+    torchrun every process logs its own share, with "rank" added."""
     path = os.environ.get("TUNESMITH_TEST_LOG_SAMPLES")
     if path:
+        record = {"step": k // grad_accum + 1, "micro": k, "rows": list(indices)}
+        if distributed.world() > 1:
+            record["rank"] = distributed.rank()
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": k // grad_accum + 1, "micro": k, "rows": list(indices)}) + "\n")
+            f.write(json.dumps(record) + "\n")
