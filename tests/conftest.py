@@ -7,12 +7,17 @@ Unit tests never touch the real model; they run on these in milliseconds. Tests 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Tests never reach for a model hub (peft and transformers otherwise try, and wait on DNS).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tokenised data (data.cache) goes to a folder of this session, not the user's cache; CLI runs the
+# tests start inherit it.
+_DATA_CACHE = tempfile.TemporaryDirectory(prefix="tunesmith-test-data-cache-")
+os.environ["TUNESMITH_DATA_CACHE"] = _DATA_CACHE.name
 
 # A ChatML template like SmolLM2's, with a default system prompt when the first message is not one.
 CHATML_TEMPLATE = (

@@ -44,11 +44,14 @@ def train(cfg: Config) -> dict:
     from tunesmith.evaluate.report import plot_loss, write_report
     from tunesmith.methods.inject import count_parameters
     from tunesmith.methods.registry import describe_method, get_method
-    from tunesmith.models.loading import load_model_and_tokenizer
+    from tunesmith.models.loading import load_model_and_tokenizer, resolve_device
     from tunesmith.train.loop import train as train_loop
+    from tunesmith.train.threads import set_cpu_threads
 
     if not cfg.data.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
+    if resolve_device(cfg.model.device).type == "cpu":
+        set_cpu_threads(cfg.train.threads)  # torch would size its pool by the host's cores (train/threads.py)
     distributed.init(cfg.model.device)  # under torchrun: join the other processes (alone: nothing)
     with distributed.main_first():  # rank 0 sets up output.dir and converts a built-in model once; then the others
         run_dir = prepare_run_dir(cfg) if distributed.is_main() else Path(cfg.output.dir)

@@ -1,6 +1,7 @@
 """From the data config to encoded train and validation examples, batches and batch order.
 
     read -> detect/validate format -> split (seeded) -> encode -> drop rows with nothing to learn
+    (or all of it read back from the cache of an earlier run with the same inputs: data/cache.py)
 
 The split and the batch order are pure functions of the seed, so two runs with the same config
 see the same examples in the same order, and a resumed run can find batch k again by index.
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import DataConfig
+from tunesmith.data import cache
 from tunesmith.data.formats import detect_format, validate_rows
 from tunesmith.data.readers import Row, read_rows
 from tunesmith.data.tokenize import IGNORE, encode_row
@@ -41,9 +43,24 @@ class Prepared:
 
 
 def prepare_datasets(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
-    """Read, validate, split and encode the configured files. Every data problem is a UserError."""
+    """Read, validate, split and encode the configured files, or take the result of an earlier run with the
+    same inputs from the cache (data.cache, tunesmith/data/cache.py). Every data problem is a UserError."""
     if not cfg.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
+    key = cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
+    cached = cache.load(key) if key else None
+    prepared = Prepared(**cached) if cached else encode_files(cfg, tokenizer, seed)
+    if key and not cached:
+        cache.store(key, prepared.train, prepared.validation, prepared.format, prepared.stats, cfg)
+    stats = prepared.stats
+    if stats["truncated"] or stats["dropped"]:
+        log.warning("%d rows were cut to data.max_seq_len=%d; %d of them had no answer token left and were dropped",
+                    stats["truncated"], cfg.max_seq_len, stats["dropped"])
+    return prepared
+
+
+def encode_files(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
+    """Read, validate, split and encode: what prepare_datasets does when the cache has no copy."""
     train_rows = read_rows(cfg.train)
     fmt = detect_format(train_rows, cfg.train) if cfg.format == "auto" else cfg.format
     validate_rows(train_rows, fmt, cfg.train)
@@ -62,9 +79,6 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
             f"Every training row of {cfg.train} was dropped: no answer token fits in data.max_seq_len="
             f"{cfg.max_seq_len}. Raise data.max_seq_len or shorten the prompts."
         )
-    if stats["truncated"] or stats["dropped"]:
-        log.warning("%d rows were cut to data.max_seq_len=%d; %d of them had no answer token left and were dropped",
-                    stats["truncated"], cfg.max_seq_len, stats["dropped"])
     return Prepared(train, validation, fmt, stats)
 
 

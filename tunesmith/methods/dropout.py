@@ -26,11 +26,20 @@ from torch import nn
 LEVELS = 65536  # int16 values: p is applied in steps of 1/65536
 
 
-def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bool tensor of `shape`, each element True (dropped) with probability p (see the module docstring)."""
+def new_seed() -> int:
+    """A mask seed drawn from torch's generator, so torch.manual_seed and checkpointed RNG states decide it."""
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+# Left out of torch.compile (train.compile): numpy cannot be traced, and the seed, a Python int, would
+# make dynamo recompile on every call. Masks are made eagerly between the compiled pieces instead.
+@torch.compiler.disable
+def drop_mask(shape: torch.Size, p: float, device: torch.device, seed: int | None = None) -> torch.Tensor:
+    """Bool tensor of `shape`, each element True (dropped) with probability p (see the module docstring).
+    The same seed gives the same mask, so a backward pass can regenerate it instead of keeping it."""
+    seed = new_seed() if seed is None else seed
     if device.type != "cpu":
-        return torch.rand(shape, device=device) < p
-    seed = int(torch.randint(0, 2**62, (1,)))
+        return torch.rand(shape, device=device, generator=torch.Generator(device).manual_seed(seed)) < p
     bits = np.random.Generator(np.random.PCG64(seed)).integers(
         -32768, 32767, size=int(np.prod(shape)), dtype=np.int16, endpoint=True)
     return torch.from_numpy(bits).view(shape) < round(p * LEVELS) - 32768
@@ -52,6 +61,7 @@ class _MaskedScale(torch.autograd.Function):
         return grad_y.masked_fill(dropped, 0.0).mul_(ctx.scale), None, None
 
 
+@torch.compiler.disable  # see drop_mask
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """`dropout_p(x)` with the fast mask; identity when not training or p == 0."""
     if not training or p == 0.0:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tunesmith.methods.dropout import Dropout
+from tunesmith.methods.lora_kernel import lora_update
 from tunesmith.methods.weight_delta import WeightDeltaLinear
 
 
@@ -68,6 +69,16 @@ class LoRALinear(WeightDeltaLinear):
         if dropout:
             x = self.lora_dropout(x)
         return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def _add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + s * B A dropout(x) as one autograd function (methods/lora_kernel.py): the product, scaling
+        and sum in one BLAS call, and the adapter input kept once however many layers read it."""
+        if type(self)._update is not LoRALinear._update or out.dtype != x.dtype or x.dtype != self.lora_A.weight.dtype:
+            return super()._add_update(out, x)  # a subclass changed the update (LoRA-FA), or mixed dtypes
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        flat = lora_update(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_A.weight,
+                           self.lora_B.weight, self.scaling, p)
+        return flat.view(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, rslora={self.rslora}"

@@ -92,6 +92,10 @@ class WeightDeltaLinear(nn.Module):
             return out - self._update(x, dropout=False).to(out.dtype) if self.disabled else out
         if self.disabled:
             return out
+        return self._add_update(out, x)
+
+    def _add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + dW x (with dropout in training); a subclass may fuse the two."""
         return out + self._update(x).to(out.dtype)
 
     def train(self, mode: bool = True) -> "WeightDeltaLinear":

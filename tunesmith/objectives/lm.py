@@ -25,12 +25,20 @@ HEAD_CHUNK = 2048  # labelled positions per head/cross-entropy chunk
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Return (sum of token cross-entropies, number of labelled tokens) for one micro-batch."""
     # A packed batch has position_ids and no attention mask (see tunesmith/data/packing.py); a KV
-    # cache would make transformers ignore the packing, and training needs none.
+    # cache would make transformers ignore the packing, and training needs none. Where the sample
+    # starts are passed on, tunesmith/models/attention.py attends per sample (other attention
+    # implementations ignore the extra argument and use transformers' block-diagonal mask).
+    packed = {}
+    if "position_ids" in batch and "attention_mask" not in batch:
+        from tunesmith.models.attention import sample_starts
+
+        packed["packed_starts"] = sample_starts(batch["position_ids"])
     hidden = model.base_model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **packed,
     ).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
     hidden = hidden[:, :-1]  # (B, T-1, H)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,18 @@ from tqdm.auto import tqdm
 
 from tunesmith.config import Config
 from tunesmith.data.dataset import collate, epoch_order
+from tunesmith.data.grouping import length_grouped_order
 from tunesmith.data.packing import collate_packed
 from tunesmith.errors import UserError
+from tunesmith.models.attention import NAME as VARLEN
+from tunesmith.models.attention import restore_attention, use_varlen_attention
 from tunesmith.objectives.lm import IGNORE, token_loss_sum
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete_checkpoints, load_checkpoint,
                                        save_checkpoint)
+from tunesmith.train.compile import compile_layers, uncompile_layers
 from tunesmith.train.optim import build_optimizer, lr_at, set_lr
+from tunesmith.train.recompute import disable_checkpointing, enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +81,25 @@ class BatchSource:
     """Micro-batch k of the run, by index: epoch k // B, position k % B, rows from a seeded permutation.
 
     Under torchrun micro-batch k is global (schedule.batch_size rows, the same on every process) and
-    each process trains on its own contiguous share of it (distributed.share)."""
+    each process trains on its own contiguous share of it (distributed.share). With `group_by_length`
+    the global micro-batches hold rows of similar length (tunesmith/data/grouping.py)."""
 
     def __init__(self, examples: list[dict], schedule: Schedule, seed: int, pad_id: int, device: torch.device,
-                 pack_len: int = 0):
+                 pack_len: int = 0, group_by_length: bool = False):
         self.examples, self.schedule, self.seed, self.pad_id, self.device = examples, schedule, seed, pad_id, device
         self.pack_len = pack_len  # > 0: padding-free rows of at most this many tokens
+        self.lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
         self._order: tuple[int, list[int]] | None = None
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if self.lengths is None:
+            return epoch_order(len(self.examples), self.seed, epoch)
+        return length_grouped_order(self.lengths, self.schedule.batch_size, self.seed, epoch)
 
     def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
         epoch, position = divmod(k, self.schedule.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
+            self._order = (epoch, self.epoch_order(epoch))
         bs = self.schedule.batch_size
         indices = self._order[1][position * bs : (position + 1) * bs]
         mine = distributed.share(indices)
@@ -119,11 +132,13 @@ def unlabelled(example: dict) -> dict:
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn: LossFn = token_loss_sum):
+def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn: LossFn = token_loss_sum,
+                    pack_len: int = 0):
     """Token-weighted mean loss over `examples` (eval mode: no dropout, no RNG use).
 
     Under torchrun process r scores batches r, r + world, ...; in the last round a process left
-    without one runs an unlabelled row, because FSDP2 needs every process in every forward."""
+    without one runs an unlabelled row, because FSDP2 needs every process in every forward.
+    pack_len > 0 packs each batch like training does (the same loss, less compute)."""
     if not examples:
         return None
     was_training = model.training
@@ -134,8 +149,8 @@ def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, l
     for first in range(0, len(starts), distributed.world()):
         j = first + distributed.rank()
         rows = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else [unlabelled(examples[0])]
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-        loss_sum, n = loss_fn(model, batch)
+        batch = collate_packed(rows, pad_id, pack_len) if pack_len else collate(rows, pad_id)
+        loss_sum, n = loss_fn(model, {k: v.to(device) for k, v in batch.items() if k != "real_tokens"})
         total, count = total + float(loss_sum), count + n
     total, count = distributed.sum_over_ranks(total, count)
     model.train(was_training)
@@ -179,6 +194,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return checkpoint_tensors(model)
 
 
+def packed_row_length(model, cfg: Config) -> int:
+    """Longest packed row: unbounded with per-sample attention, else data.max_seq_len."""
+    return sys.maxsize if model.config._attn_implementation == VARLEN else cfg.data.max_seq_len
+
+
 def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int,
           loss_fn: LossFn = token_loss_sum,
           param_groups: list[dict] | Callable[[torch.nn.Module], list[dict]] | None = None,
@@ -197,8 +217,17 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
     t = cfg.train
     distributed.init(device.type)
     schedule = Schedule.from_config(len(train_examples), cfg, distributed.world())
-    pack_len = cfg.data.max_seq_len if cfg.data.packing else 0
-    source = BatchSource(train_examples, schedule, t.seed, pad_id, device, pack_len)
+    # Packed rows attend per sample (tunesmith/models/attention.py), so a row's length costs nothing
+    # quadratic: a micro-batch becomes one row, with no padding at all. Where another attention
+    # implementation is configured, rows stay within max_seq_len (its mask is quadratic in the row).
+    attention_before = use_varlen_attention(model) if cfg.data.packing else None
+    pack_len = packed_row_length(model, cfg) if cfg.data.packing else 0
+    source = BatchSource(train_examples, schedule, t.seed, pad_id, device, pack_len, cfg.data.group_by_length)
+    # Both change how the decoder layers run, so they go in before DDP or FSDP2 wrap the model.
+    if t.gradient_checkpointing:
+        enable_checkpointing(model)
+    if t.compile:
+        compile_layers(model)
     runner, loss_fn = distributed.wrap(model, loss_fn, cfg.method.name)  # (model, loss_fn) for one process
     if callable(param_groups):
         param_groups = param_groups(model)
@@ -259,7 +288,7 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         last = state.step == schedule.total_steps
         if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
-            val = validation_loss(runner, val_examples, t.batch_size, pad_id, loss_fn)
+            val = validation_loss(runner, val_examples, t.batch_size, pad_id, loss_fn, pack_len)
             metrics.write({"step": state.step, "val_loss": val})
             if distributed.is_main():
                 bar.write(f"step {state.step}: validation loss {val:.4f}")
@@ -267,6 +296,12 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
             save_checkpoint(run_dir, state, trainable_state(model), optimizer, config_dict, t.keep_checkpoints)
         _test_hook_kill(state.step)
     bar.close()
+    if attention_before is not None:
+        restore_attention(model, attention_before)
+    if t.gradient_checkpointing:
+        disable_checkpointing(model)
+    if t.compile:
+        uncompile_layers(model)
     model.eval()
     return state
 
