@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--n-validation", type=int, default=100, help="validation rows (demo data)")
     parser.add_argument("--lr", type=float, help="one learning rate for every method (default: per method)")
     parser.add_argument("--out", default="bench/results", help="folder for data, runs, table and chart")
+    parser.add_argument("--rss-live", action="store_true", help="peak RSS of live tensors only (slower steps)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--score-base", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,8 +169,9 @@ def main() -> None:
         cmd += ["--lr", str(args.lr)] if args.lr else []
         cmd += ["--score-base"] if i == 0 else []  # the untrained model's score, once
         print(f"[{i + 1}/{len(args.methods.split(','))}] {method} ...", flush=True)
-        # fixed mmap threshold: freed tensors leave RSS, so the peak follows live memory, not glibc's caching
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        # --rss-live: a fixed mmap threshold makes freed tensors leave RSS, so the peak follows live memory
+        # rather than glibc's caching, but page faults then make every step ~40% slower (docs/speed.md)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if args.rss_live else None
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         result = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not result:

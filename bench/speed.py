@@ -1,15 +1,19 @@
 """tunesmith against the Hugging Face stack on the same run: tokens per second, memory, loss, MFU.
 
-    .venv/bin/python bench/speed.py                      # about 10 minutes on 2 CPU cores
+    .venv/bin/python bench/speed.py                      # about 13 minutes on 2 CPU cores
     .venv/bin/python bench/speed.py --rows 64 --stacks tunesmith plain    # quicker look
 
 One invocation runs, one after another and each in a fresh process (so each has its own peak RSS):
 
-  tunesmith      our loop: padding-free packing, head only on labelled positions, fast dropout masks
-  plain          transformers + peft in the plain PyTorch loop people write by hand: right-padded
-                 batches, `model(**batch).loss`, AdamW, clipping
-  trl-padfree    TRL's SFTTrainer with peft, padding_free=True (each batch flattened into one row)
-  trl-padded     TRL's SFTTrainer with peft, its default padded batches
+  tunesmith       our loop with its defaults (packed rows, per-sample attention, head on labelled
+                  positions only, the fused LoRA update)
+  tunesmith-ckpt  the same with train.gradient_checkpointing=true
+  plain           transformers + peft in the plain PyTorch loop people write by hand: right-padded
+                  batches, `model(**batch).loss`, AdamW, clipping
+  trl-padfree     TRL's SFTTrainer with peft, padding_free=True (each batch flattened into one row),
+                  gradient_checkpointing=False: TRL's fastest setting here
+  trl-padfree-ckpt  the same with TRL's default gradient_checkpointing=True (less memory, slower)
+  trl-padded      TRL's SFTTrainer with peft, its default padded batches (not run by default: slowest)
 
 Everything else is equal: SmolLM2-135M-Instruct in fp32, LoRA r 16 / alpha 32 / dropout 0.05 on
 every linear layer, AdamW at a constant lr 2e-4, gradient clipping at 1.0, batch 8, seed 0, one
@@ -44,7 +48,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STACKS = ["tunesmith", "plain", "trl-padfree", "trl-padded"]
+STACKS = ["tunesmith", "tunesmith-ckpt", "plain", "trl-padfree", "trl-padfree-ckpt", "trl-padded"]
+DEFAULT_STACKS = STACKS[:5]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR, BATCH, SEED, CLIP, MAX_LEN = 2e-4, 8, 0, 1.0, 1024
 WORDS = ("time year people way day man thing woman life child world school state family student group "
@@ -134,7 +139,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int) -> float:
         return validation_loss(model, examples, BATCH, pad_id)
 
 
-def run_tunesmith(data: dict, out: Path) -> dict:
+def run_tunesmith(data: dict, out: Path, checkpointing: bool = False) -> dict:
     from tunesmith.config import Config
     from tunesmith.methods.registry import get_method
     from tunesmith.models.loading import load_model_and_tokenizer
@@ -146,6 +151,7 @@ def run_tunesmith(data: dict, out: Path) -> dict:
     cfg.data.packing, cfg.data.max_seq_len = True, MAX_LEN
     t = cfg.train
     t.batch_size, t.lr, t.schedule, t.warmup_steps, t.max_grad_norm, t.seed, t.epochs = BATCH, LR, "constant", 0, CLIP, SEED, 1
+    t.gradient_checkpointing = checkpointing
     model, _ = load_model_and_tokenizer(cfg.model)
     torch.manual_seed(SEED)
     method = get_method("lora")
@@ -185,7 +191,7 @@ def run_plain(data: dict, out: Path) -> dict:
             "heldout": heldout_loss(model.get_base_model(), data["heldout"], data["pad_id"])}
 
 
-def run_trl(data: dict, out: Path, padding_free: bool) -> dict:
+def run_trl(data: dict, out: Path, padding_free: bool, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -208,7 +214,7 @@ def run_trl(data: dict, out: Path, padding_free: bool) -> dict:
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, learning_rate=LR,
                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=CLIP,
                      num_train_epochs=1, seed=SEED, logging_steps=1, save_strategy="no", report_to=[],
-                     padding_free=padding_free, max_length=None, use_cpu=True, bf16=False, fp16=False,
+                     padding_free=padding_free, gradient_checkpointing=checkpointing, max_length=None, use_cpu=True, bf16=False, fp16=False,
                      dataloader_num_workers=0, disable_tqdm=True)
     # max_length None: the rows come tokenised and cut to MAX_LEN already
     trainer = InOrder(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -223,12 +229,13 @@ def run_trl(data: dict, out: Path, padding_free: bool) -> dict:
 def worker(stack: str, data_path: Path, out: Path) -> dict:
     data = json.loads(data_path.read_text(encoding="utf-8"))
     out.mkdir(parents=True, exist_ok=True)
-    if stack == "tunesmith":
-        result = run_tunesmith(data, out)
+    checkpointing = stack.endswith("-ckpt") or stack == "trl-padded"  # trl-padded: TRL's defaults
+    if stack.startswith("tunesmith"):
+        result = run_tunesmith(data, out, checkpointing)
     elif stack == "plain":
         result = run_plain(data, out)
     else:
-        result = run_trl(data, out, padding_free=stack == "trl-padfree")
+        result = run_trl(data, out, padding_free=stack.startswith("trl-padfree"), checkpointing=checkpointing)
     peak_kib = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
                     if l.startswith("VmHWM:"))
     return dict(result, stack=stack, peak_rss_mib=peak_kib / 1024)
@@ -268,7 +275,7 @@ def table(results: list[dict], stats: dict, peak: float, flops_per_token: float)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=160, help="training rows (default 160: 20 steps of 8)")
-    parser.add_argument("--stacks", nargs="+", choices=STACKS, default=STACKS)
+    parser.add_argument("--stacks", nargs="+", choices=STACKS, default=DEFAULT_STACKS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
