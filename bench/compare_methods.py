@@ -10,8 +10,8 @@ fresh process; per method the table reports
 
   trainable        parameters that receive gradients
   artifact         bytes on disk of what `train` saved (run_dir/adapter)
-  peak RSS         the process's peak resident memory (model load, training, test scoring), with
-                   glibc's mmap threshold fixed so that freed tensors leave RSS
+  peak RSS         the process's peak resident memory (model load, training, test scoring)
+                   (--rss-live: glibc's mmap threshold fixed so that only live tensors count)
   step             mean wall time from one optimizer step's start to the next (forward, backward,
                    optimizer, the method's after_step), over all but the last step
   val loss         validation loss after the last step
