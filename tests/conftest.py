@@ -84,6 +84,17 @@ def build_tiny_model(vocab_size: int = 320, seed: int = 0, layers: int = 2, tie:
     return model
 
 
+def tiny_run_files(root, n_train: int, n_validation: int, n_test: int):
+    """For tests that run the CLI: the tiny model and tokenizer saved in root/tiny-model, and demo data
+    (seed 1) in root/data. Returns (model folder, {split: path})."""
+    from tunesmith.data.demo import write_demo
+
+    model_dir = root / "tiny-model"
+    build_tiny_model().save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    return model_dir, write_demo(root / "data", seed=1, n_train=n_train, n_validation=n_validation, n_test=n_test)
+
+
 def ids() -> torch.Tensor:
     """A fixed (2, 9) batch of token ids for comparing a tiny model's logits."""
     return torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import tiny_run_files
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -33,12 +33,7 @@ STEPS, TOLERANCE = 4, 1e-5
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    model_dir = root / "tiny-model"
-    build_tiny_model().save_pretrained(model_dir)
-    build_tiny_tokenizer().save_pretrained(model_dir)
-    from tunesmith.data.demo import write_demo
-
-    paths = write_demo(root / "data", seed=1, n_train=13, n_validation=3, n_test=3)
+    model_dir, paths = tiny_run_files(root, n_train=13, n_validation=3, n_test=3)
     config = {
         "model": {"name_or_path": str(model_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},  # dropout draws differ per process

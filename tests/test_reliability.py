@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_model, build_tiny_tokenizer, tiny_run_files
 from tunesmith.config import ModelConfig, TrainConfig
 from tunesmith.errors import UserError
 from tunesmith.train.checkpoint import TrainState, complete_checkpoints, load_checkpoint, save_checkpoint
@@ -38,12 +38,7 @@ STEPS, ACCUM, PER_EPOCH = 30, 2, 5
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    model_dir = root / "tiny-model"
-    build_tiny_model().save_pretrained(model_dir)
-    build_tiny_tokenizer().save_pretrained(model_dir)
-    from tunesmith.data.demo import write_demo
-
-    paths = write_demo(root / "data", seed=1, n_train=9, n_validation=2, n_test=1)
+    model_dir, paths = tiny_run_files(root, n_train=9, n_validation=2, n_test=1)
     config = {
         "model": {"name_or_path": str(model_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG matters

@@ -13,18 +13,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import tiny_run_files
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    model_dir = root / "tiny-model"
-    build_tiny_model().save_pretrained(model_dir)
-    build_tiny_tokenizer().save_pretrained(model_dir)
-    from tunesmith.data.demo import write_demo
-
-    paths = write_demo(root / "data", seed=1, n_train=48, n_validation=8, n_test=6)
+    model_dir, paths = tiny_run_files(root, n_train=48, n_validation=8, n_test=6)
     config = {
         "model": {"name_or_path": str(model_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
