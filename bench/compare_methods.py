@@ -12,8 +12,8 @@ fresh process; per method the table reports
   artifact         bytes on disk of what `train` saved (run_dir/adapter)
   peak RSS         the process's peak resident memory (model load, training, test scoring)
                    (--rss-live: glibc's mmap threshold fixed so that only live tensors count)
-  step             mean wall time from one optimizer step's start to the next (forward, backward,
-                   optimizer, the method's after_step), over all but the last step
+  step             mean step_time of metrics.jsonl (data, forward, backward, optimizer, the method's
+                   after_step, logging), over all but the first step (warm-up)
   val loss         validation loss after the last step
   exact match      share of test rows (the first --eval-samples) answered exactly right;
                    --eval-samples 0 skips test scoring (and the base row)
@@ -31,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,19 +50,11 @@ def worker(method: str, data: Path, run_dir: Path, steps: int, seed: int, eval_s
     """Train one method in this process; return its row of the table."""
     import logging
 
-    from tunesmith import commands
+    from tunesmith.commands.train import DEMO_CONFIG, train
     from tunesmith.config import load_config
-    from tunesmith.train import loop
+    from tunesmith.evaluate.report import read_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    starts: list[float] = []
-    plain_step = loop.train_step
-
-    def timed_step(*args, **kwargs):  # records when each step starts
-        starts.append(time.perf_counter())
-        return plain_step(*args, **kwargs)
-
-    loop.train_step = timed_step
     test = [f"data.test={data / 'test.jsonl'}"] if eval_samples else []  # without a test file: no scoring
     overrides = [
         f"data.train={data / 'train.jsonl'}", f"data.validation={data / 'validation.jsonl'}", *test,
@@ -72,8 +63,9 @@ def worker(method: str, data: Path, run_dir: Path, steps: int, seed: int, eval_s
         "train.save_every=0", "train.eval_every=0", f"eval.max_samples={eval_samples}",
         f"eval.before_after={'true' if score_base else 'false'}", *EXTRA.get(method, []),
     ]
-    summary = commands.train(load_config(commands.DEMO_CONFIG, overrides))
-    intervals = [b - a for a, b in zip(starts, starts[1:])]
+    summary = train(load_config(DEMO_CONFIG, overrides))
+    # Each step's time as the loop recorded it, without the first (it pays for warm-up).
+    intervals = [r["step_time"] for r in read_metrics(run_dir / "metrics.jsonl") if "step_time" in r][1:]
     artifact = sum(f.stat().st_size for f in (run_dir / "adapter").rglob("*") if f.is_file())
     peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
                 if l.startswith("VmHWM:"))

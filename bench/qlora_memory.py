@@ -86,7 +86,7 @@ def weight_bytes(overrides: dict, layers: list[str], params: int) -> dict:
 def train_worker(quantization: str, steps: int, data_dir: Path) -> dict:
     import torch
 
-    from tunesmith.commands import DEMO_CONFIG
+    from tunesmith.commands.train import DEMO_CONFIG
     from tunesmith.config import load_config
     from tunesmith.data.dataset import prepare_datasets
     from tunesmith.methods.registry import get_method

@@ -25,7 +25,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith import commands
+    from tunesmith.commands.artifacts import merge
     from tunesmith.config import load_config
     from tunesmith.evaluate.generate import render_prompt
     from tunesmith.evaluate.task import test_cases
@@ -55,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, quantization in (("dequantized NF4 base (default)", "auto"), ("float base", "none")):
             out = Path(tmp) / quantization
-            commands.merge(str(adapter), str(out), None, quantization)
+            merge(str(adapter), str(out), None, quantization)
             merged = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
             diff = (merged - adapted).abs()
             same = (merged.argmax(-1) == adapted.argmax(-1)).float().mean() * 100

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-import tunesmith.data.dataset as dataset
 from conftest import build_tiny_tokenizer
 from tunesmith.config import DataConfig
 from tunesmith.data.dataset import prepare_datasets
@@ -35,8 +34,11 @@ def cache_root(tmp_path, monkeypatch):
 
 @pytest.fixture
 def counted_encode(monkeypatch):
-    """Counts encode_row calls; `calls.forbid = True` makes any further call fail the test."""
-    real = dataset.encode_row
+    """Counts encode_row calls (through the sft objective, which encodes these rows); `calls.forbid = True` makes
+    any further call fail the test."""
+    from tunesmith.objectives import sft
+
+    real = sft.encode_row
 
     class Calls:
         n, forbid = 0, False
@@ -47,7 +49,7 @@ def counted_encode(monkeypatch):
         Calls.n += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "encode_row", encode)
+    monkeypatch.setattr(sft, "encode_row", encode)
     return Calls
 
 

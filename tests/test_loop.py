@@ -137,7 +137,7 @@ def test_keep_prunes_old_checkpoints(tmp_path):
 def test_full_disk_during_save_keeps_newest_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import tunesmith.train.checkpoint as ckpt
+    import safetensors.torch
 
     model = build_tiny_model()
     opt = build_optimizer(list(model.parameters()), TrainConfig())
@@ -146,7 +146,7 @@ def test_full_disk_during_save_keeps_newest_checkpoint(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # what files.atomic_save_safetensors calls
     with pytest.raises(UserError, match="No space left"):
         save_checkpoint(tmp_path, TrainState(step=2), dict(model.named_parameters()), opt, {})
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]  # no temp folder left

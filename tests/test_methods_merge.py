@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer, ids, logits
 
-from tunesmith import commands
+from tunesmith.commands.artifacts import merge
+from tunesmith.commands.infer import load_for_inference
 from tunesmith.config import MethodConfig, load_config
 from tunesmith.errors import UserError
 from tunesmith.methods.registry import METHODS, get_method, load_artifact
@@ -55,7 +55,7 @@ def test_merge_command_gives_a_plain_model_with_the_same_logits(tmp_path, base_d
 
     tuned = trained_artifact(name, base_dir, tmp_path / "artifact")
     assert (tuned - logits(build_tiny_model())).abs().max() > 1e-3
-    commands.merge(str(tmp_path / "artifact"), str(tmp_path / "merged"), None)  # base model from the artifact
+    merge(str(tmp_path / "artifact"), str(tmp_path / "merged"), None)  # base model from the artifact
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (logits(merged) - tuned).abs().max() <= 1e-4
     assert all(k.count("lora") + k.count("vera") + k.count("adapter") == 0 for k in merged.state_dict())
@@ -64,20 +64,22 @@ def test_merge_command_gives_a_plain_model_with_the_same_logits(tmp_path, base_d
 def test_merge_refuses_bottleneck_adapters(tmp_path, base_dir):
     trained_artifact("adapter", base_dir, tmp_path / "artifact")
     with pytest.raises(UserError, match="cannot be merged"):
-        commands.merge(str(tmp_path / "artifact"), str(tmp_path / "merged"), None)
+        merge(str(tmp_path / "artifact"), str(tmp_path / "merged"), None)
 
 
 def test_generate_with_any_artifact(tmp_path, base_dir):
     """--adapter takes any method's artifact (here: bottleneck adapters, tunesmith's own format)."""
     tuned = trained_artifact("adapter", base_dir, tmp_path / "artifact")
-    model, _ = commands.load_for_inference(str(base_dir), str(tmp_path / "artifact"))
+    model, _ = load_for_inference(str(base_dir), str(tmp_path / "artifact"))
     assert (logits(model) - tuned).abs().max() == 0
 
 
 def test_every_configurable_method_is_registered_and_documented():
-    names = typing.get_args(MethodConfig.model_fields["name"].annotation)
-    assert set(names) == set(METHODS)
+    """method.name accepts exactly the registered methods (the registry is the one list), each documented."""
+    names = list(METHODS)
     for name in names:
+        peft_config = {"peft_type": "IA3"} if name == "peft" else None
+        assert MethodConfig(name=name, peft_config=peft_config).name == name
         assert get_method(name).name == name
         page = DOCS / f"{name}.md"
         assert page.is_file(), page
@@ -87,6 +89,11 @@ def test_every_configurable_method_is_registered_and_documented():
 def test_not_an_artifact_folder(tmp_path):
     with pytest.raises(UserError, match="neither"):
         load_artifact(build_tiny_model(), tmp_path)
+
+
+def test_an_unregistered_method_name_is_a_config_error():
+    with pytest.raises(UserError, match="unknown method 'lorax'; known: lora, "):
+        load_config(None, ["method.name=lorax"])
 
 
 def test_lora_plus_only_for_the_lora_family():

@@ -91,3 +91,60 @@ def test_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
     with pytest.raises(UserError, match=r"pip install 'tunesmith\[peft\]'"):
         METHOD.apply(build_tiny_model(), MethodConfig(name="peft", peft_config=IA3))
+
+
+def peft_ia3_adapter(folder):
+    """An IA3 adapter written by peft itself (PeftModel.save_pretrained)."""
+    config = peft.IA3Config(**{k: v for k, v in IA3.items() if k != "peft_type"})
+    peft.get_peft_model(build_tiny_model(), config).save_pretrained(folder)
+    return folder / "adapter_model.safetensors"
+
+
+def corrupt(path, damage: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage, not safetensors" * 8)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_peft_adapter_is_a_user_error_naming_the_file(tmp_path, damage):
+    weights = peft_ia3_adapter(tmp_path)
+    corrupt(weights, damage)
+    with pytest.raises(UserError) as e:
+        load_artifact(build_tiny_model(), tmp_path)
+    assert str(weights) in str(e.value) and "corrupt" in str(e.value) and "IA3" in str(e.value)
+
+
+def test_peft_adapter_with_other_keys_or_shapes_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = peft_ia3_adapter(tmp_path)
+    state = load_file(weights)
+    key = sorted(state)[0]
+    state[key.replace("layers.0", "layers.7")] = state.pop(key)  # a layer this model does not have
+    save_file(state, weights)
+    with pytest.raises(UserError) as e:
+        load_artifact(build_tiny_model(), tmp_path)
+    assert str(weights) in str(e.value) and "1 missing" in str(e.value) and "1 unexpected" in str(e.value)
+
+    state = load_file(peft_ia3_adapter(tmp_path))
+    state[key] = torch.ones(3)
+    save_file(state, weights)
+    with pytest.raises(UserError, match="wrong shape"):
+        load_artifact(build_tiny_model(), tmp_path)
+
+
+def test_corrupt_peft_adapter_through_the_cli_exits_2_without_traceback(tmp_path):
+    import subprocess
+
+    from conftest import build_tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-model"
+    build_tiny_model().save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    weights = peft_ia3_adapter(tmp_path / "adapter")
+    corrupt(weights, "truncated")
+    proc = subprocess.run([sys.executable, "-m", "tunesmith", "generate", "--model", str(model_dir), "--adapter",
+                           str(tmp_path / "adapter"), "--max-new-tokens", "2", "hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert str(weights) in proc.stderr and "Traceback" not in proc.stderr

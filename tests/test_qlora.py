@@ -383,27 +383,27 @@ def test_merge_command_folds_qlora_into_the_dequantized_base(tmp_path, base_dir,
 def test_generate_and_chat_use_the_quantized_base_of_a_qlora_run(tmp_path, base_dir, monkeypatch, capsys):
     """`tunesmith generate/chat --adapter` on a QLoRA run: the base is quantized as in training (config.yaml
     beside the adapter), so the model is the one that was trained: same logits, same greedy answer."""
-    from tunesmith import commands
+    from tunesmith.commands import infer
     from tunesmith.evaluate.generate import generate, render_prompt
 
     run_dir = tmp_path / "run"
     trained = qlora_run(run_dir, base_dir)
     adapter = str(run_dir / "adapter")
-    model, tokenizer = commands.load_for_inference(str(base_dir), adapter)
+    model, tokenizer = infer.load_for_inference(str(base_dir), adapter)
     assert type(model.model.layers[0].self_attn.q_proj.quantized_base).__name__ == "Linear4bit"
     assert torch.equal(logits(model), logits(trained))
     expected = generate(trained, tokenizer, [render_prompt(tokenizer, [{"role": "user", "content": "hi"}])], 6)[0]
-    assert commands.generate_one(str(base_dir), adapter, "hi", 6, None) == expected
+    assert infer.generate_one(str(base_dir), adapter, "hi", 6, None) == expected
     answers = iter(["hi", ""])
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
-    commands.chat(str(base_dir), adapter, 6, None)
+    infer.chat(str(base_dir), adapter, 6, None)
     assert f"model> {expected}\n" in capsys.readouterr().out
     # quantization none, or an adapter folder without its run's config.yaml: the float base, another model
     import shutil
 
     shutil.copytree(adapter, tmp_path / "alone")
     for args in ((adapter, "none"), (str(tmp_path / "alone"),)):
-        plain, _ = commands.load_for_inference(str(base_dir), *args)
+        plain, _ = infer.load_for_inference(str(base_dir), *args)
         assert plain.model.layers[0].self_attn.q_proj.quantized_base is None
         assert (logits(plain) - logits(trained)).abs().max() > 1e-3
 
@@ -411,15 +411,15 @@ def test_generate_and_chat_use_the_quantized_base_of_a_qlora_run(tmp_path, base_
 @pytest.mark.parametrize("override, quantized", [([], True), (["model.quantization=none"], False)])
 def test_eval_with_a_qlora_adapter_uses_its_quantized_base_unless_the_config_says(tmp_path, base_dir, monkeypatch,
                                                                                    override, quantized):
-    from tunesmith import commands
+    from tunesmith.commands import infer
 
     run_dir = tmp_path / "run"
     qlora_run(run_dir, base_dir)
     (tmp_path / "test.jsonl").write_text('{"prompt": "hi", "completion": "there"}\n')
     scored = []
-    monkeypatch.setattr(commands, "score_test_set", lambda model, *args: scored.append(model) or {})
+    monkeypatch.setattr(infer, "score_test_set", lambda model, *args: scored.append(model) or {})
     cfg = load_config(None, [f"model.name_or_path={base_dir}", f"data.test={tmp_path / 'test.jsonl'}", *override])
-    commands.evaluate(cfg, str(run_dir / "adapter"))
+    infer.evaluate(cfg, str(run_dir / "adapter"))
     assert (scored[0].model.layers[0].mlp.up_proj.quantized_base is not None) == quantized
 
 

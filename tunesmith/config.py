@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import UserError
+from tunesmith.methods.registry import METHODS, get_method
+from tunesmith.objectives.registry import AUTO_BY_FORMAT, OBJECTIVES, get_objective
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -56,23 +58,11 @@ class ModelConfig(Section):
     )
 
 
-# Methods that train on a quantized (model.quantization) base; docs/qlora.md says why the others do not.
-QUANTIZED_BASE_METHODS = ("lora", "lora_fa", "dora", "vera", "adapter")
-_NOT_ON_QUANTIZED_BASE = {  # method -> why, for the error message
-    "delta_lora": "it adds a small update to W after every step, which a 4/8-bit W rounds away",
-    "full": "it trains W itself, and packed 4/8-bit weights have no gradient",
-    "freeze": "it trains the weights of whole blocks, and packed 4/8-bit weights have no gradient",
-    "peft": "the peft bridge does not set up peft's bitsandbytes layers; method.name=lora does",
-}
-
-
 class MethodConfig(Section):
-    name: Literal["lora", "lora_fa", "dora", "vera", "delta_lora", "adapter", "full", "freeze", "peft"] = Field(
+    name: str = Field(
         "lora",
-        description="Adaptation method: lora; lora_fa (A frozen, only B trains); dora (magnitude and direction); "
-        "vera (shared frozen random projections, trained scaling vectors); delta_lora (LoRA that also moves W); "
-        "adapter (bottleneck adapters after attention and MLP); full (every weight); freeze (the last blocks only); "
-        "peft (any peft method, via method.peft_config). See docs/methods/.",
+        description=f"Adaptation method, one of {', '.join(METHODS)} (tunesmith/methods/registry.py; `tunesmith "
+        "train --help` says what each does; docs/methods/ has the math and a side-by-side run).",
     )
     r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of B A (VeRA: of its shared projections).")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (alpha/r) B A x.")
@@ -106,16 +96,22 @@ class MethodConfig(Section):
         "target_modules: [k_proj, v_proj, down_proj], feedforward_modules: [down_proj]}.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        return name
+
     @model_validator(mode="after")
     def _options_fit_method(self) -> "MethodConfig":
-        if self.lora_plus_ratio and self.name not in LORA_FAMILY:
-            raise ValueError(f"method.lora_plus_ratio applies to {', '.join(LORA_FAMILY)}, not to {self.name}")
+        if self.lora_plus_ratio and not get_method(self.name).uses_lora_plus:
+            lora_plus = [n for n in METHODS if get_method(n).uses_lora_plus]
+            raise ValueError(f"method.lora_plus_ratio applies to {', '.join(lora_plus)}, not to {self.name}")
         if self.name == "peft" and not (self.peft_config and self.peft_config.get("peft_type")):
             raise ValueError("method.name=peft needs method.peft_config with a peft_type (e.g. {peft_type: IA3, ...})")
         return self
 
-
-LORA_FAMILY = ("lora", "lora_fa", "dora", "delta_lora")  # methods with LoRA's A and B (LoRA+ applies)
 
 
 class DataConfig(Section):
@@ -131,7 +127,7 @@ class DataConfig(Section):
         True,
         description="Padding-free training: pack each micro-batch's rows into sequences of up to max_seq_len tokens, "
         "each sample isolated by restarting position ids and attending only to itself (same loss, no compute on "
-        "padding; 2.7x faster than padded batches on a long-tailed mix, docs/speed.md). false: right-padded batches.",
+        "padding; measured speed-up in docs/speed.md). false: right-padded batches.",
     )
     train_on_prompt: bool = Field(False, description="Also train on system/user/prompt tokens (default: completions only).")
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
@@ -156,9 +152,18 @@ class DataConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["auto", "sft", "causal_lm"] = Field(
-        "auto", description="Loss: sft (completions of instruction data), causal_lm (raw text); auto follows data.format."
+    name: str = Field(
+        "auto", description=f"What is trained: auto, {', '.join(OBJECTIVES)} (tunesmith/objectives/; `tunesmith train "
+        "--help` says what each does). auto picks by the data format: "
+        + ", ".join(f"{fmt} -> {name}" for fmt, name in AUTO_BY_FORMAT.items()) + ".",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        if name != "auto" and name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; known: auto, {', '.join(OBJECTIVES)}")
+        return name
 
 
 class TrainConfig(Section):
@@ -187,14 +192,14 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False,
         description="Activation checkpointing: each decoder layer keeps only its input and recomputes the rest in "
-        "backward (demo LoRA on the CPU: 11x less kept for backward, 40% more time per step). For batches or "
-        "sequence lengths that do not fit otherwise; same gradients.",
+        "backward, so far less memory is kept for backward at the cost of one more forward per layer (measured in "
+        "docs/speed.md). For batches or sequence lengths that do not fit otherwise; same gradients.",
     )
     compile: bool = Field(
         False,
-        description="torch.compile each decoder layer (dynamic shapes; the first step pays 20-35 s of compiling), "
-        "same results. Demo LoRA on the 2-core CPU: 15% faster per step with method.dropout=0, 18% slower with "
-        "adapter dropout, whose CPU masks cannot be compiled (docs/training.md).",
+        description="torch.compile each decoder layer (dynamic shapes; the first step pays the compile time), "
+        "same results. On the CPU it pays off only with method.dropout=0: adapter dropout's CPU masks cannot be "
+        "compiled (measured in docs/speed.md).",
     )
     threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0: OMP_NUM_THREADS if set, else the CPUs this process may use "
@@ -224,24 +229,22 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _objective_matches_format(self) -> "Config":
-        if self.objective.name == "sft" and self.data.format == "text":
-            raise ValueError("objective.name=sft needs instruction data, but data.format is text; use causal_lm")
+        fmt, name = self.data.format, self.objective.name
+        if fmt != "auto" and name != "auto" and fmt not in get_objective(name).formats:
+            fitting = [n for n in OBJECTIVES if fmt in get_objective(n).formats]
+            raise ValueError(f"objective.name={name} learns from {', '.join(get_objective(name).formats)} rows, "
+                             f"but data.format is {fmt}; use {' or '.join(fitting) or 'other data'}")
         return self
 
     @model_validator(mode="after")
     def _method_fits_quantized_base(self) -> "Config":
-        if self.model.quantization != "none" and self.method.name not in QUANTIZED_BASE_METHODS:
-            why = _NOT_ON_QUANTIZED_BASE.get(self.method.name, "it is not wired for one")
+        why = get_method(self.method.name).not_on_quantized_base
+        if self.model.quantization != "none" and why:
+            able = [n for n in METHODS if not get_method(n).not_on_quantized_base]
             raise ValueError(f"method.name={self.method.name} cannot train on a quantized base (model.quantization="
-                             f"{self.model.quantization}): {why}. Use one of {', '.join(QUANTIZED_BASE_METHODS)}, "
+                             f"{self.model.quantization}): {why}. Use one of {', '.join(able)}, "
                              "or model.quantization=none (docs/qlora.md)")
         return self
-
-    def resolved_objective(self, data_format: str) -> str:
-        """The objective actually used once the data format is known."""
-        if self.objective.name != "auto":
-            return self.objective.name
-        return "causal_lm" if data_format == "text" else "sft"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -343,7 +346,9 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    from tunesmith.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def describe_options() -> str:
@@ -356,3 +361,51 @@ def describe_options() -> str:
             default = f.default if f.default_factory is None else f.default_factory()
             out.append(f"  {section}.{key} (default {default!r}): {f.description}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections of the other commands
+#
+# generate, chat, merge and quantize do not read the run Config above: their options are flags, or
+# the section named after the command in a YAML file (`tunesmith merge --config my.yaml` reads
+# `merge:`). commands/options.py turns these fields into the flags and their --help; a flag given
+# on the command line wins over the file, the file over the default here.
+
+BaseQuantization = Literal["auto", "none", "nf4", "fp4", "int8"]
+
+
+class GenerateConfig(Section):
+    """`tunesmith generate` and `tunesmith chat` (file sections `generate:` and `chat:`)."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model name, folder or .gguf.")
+    adapter: str | None = Field(None, description="Adapter folder (PEFT format) to apply.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget.")
+    system: str | None = Field(None, description="System prompt.")
+    quantization: BaseQuantization = Field(
+        "auto", description="Base quantization. auto: as in the adapter's run, from the config.yaml beside it; "
+        "none: the float base; nf4, fp4, int8: that one, whatever the run used.",
+    )
+
+
+class MergeConfig(Section):
+    """`tunesmith merge` (file section `merge:`)."""
+
+    adapter: str = Field(description="Adapter folder (PEFT format).")
+    out: str = Field(description="Output model folder.")
+    model: str | None = Field(None, description="Base model; unset: the adapter's base_model_name_or_path.")
+    quantization: BaseQuantization = Field(
+        "auto", description="QLoRA adapters: quantize the base as in training, then dequantize and merge. auto: "
+        "model.quantization of the run's config.yaml beside the adapter folder; none: the float base.",
+    )
+
+
+class QuantizeConfig(Section):
+    """`tunesmith quantize` (file section `quantize:`)."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model name, folder or .gguf.")
+    out: str = Field(description="Output model folder.")
+    bits: Literal[4, 8] = Field(4, description="4 (nf4 or fp4) or 8 (LLM.int8).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        True, description="4-bit: quantize the fp32 absmax scales too; false keeps them unquantized."
+    )

@@ -8,14 +8,16 @@ everything that decides it:
     the train and validation files     resolved path, size, modification time (ns)
     the data options                   format, max_seq_len, train_on_prompt, system_prompt,
                                        val_split and the split seed (only when a split is made)
+    the objective                      objective.name (it decides how a row is encoded)
     the tokenizer                      class, name_or_path, its full serialisation (vocabulary,
                                        merges, normalizer, post-processor), special tokens, chat template
-    tunesmith's data code              the source of the modules that read, split and encode
+    tunesmith's data code              the source of the modules that read, split and encode, and
+                                       of the objectives (their encode functions)
 
     $TUNESMITH_CACHE/data/<key>/       (default ~/.cache/tunesmith/data; $TUNESMITH_DATA_CACHE/<key>/
                                         when that is set)
         train/, validation/            datasets.save_to_disk (a split left empty has no folder)
-        meta.json                      detected format, row/truncated/dropped counts, the inputs in words
+        meta.json                      detected format, objective, row/truncated/dropped counts, the inputs
 
 An entry is written into a temporary folder and renamed into place, so a killed run never
 leaves a half-written one (concurrent writers, e.g. torchrun processes, race harmlessly: the
@@ -35,13 +37,13 @@ import time
 from pathlib import Path
 
 from tunesmith.config import DataConfig
+from tunesmith.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 KEEP = 20  # cache entries kept; older ones are deleted
-COLUMNS = ("input_ids", "labels", "truncated")
 # The modules whose code decides the examples: a change to any of them is a new key.
-DATA_CODE = ("readers.py", "formats.py", "tokenize.py", "dataset.py")
+DATA_CODE = ("data/readers.py", "data/formats.py", "data/tokenize.py", "data/dataset.py", "objectives/*.py")
 
 
 def cache_dir() -> Path:
@@ -51,7 +53,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNESMITH_DATA_CACHE") or cache_root() / "data")
 
 
-def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str | None:
+def cache_key(cfg: DataConfig, tokenizer, seed: int, objective: str = "auto") -> str | None:
     """The hash of every input of the encoding; None (no caching) when an input cannot be identified."""
     try:
         files = [file_identity(p) for p in (cfg.train, cfg.validation) if p]
@@ -61,6 +63,7 @@ def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str | None:
     inputs = {
         "files": files,
         "options": [cfg.format, cfg.max_seq_len, cfg.train_on_prompt, cfg.system_prompt],
+        "objective": objective,
         "split": None if cfg.validation else [cfg.val_split, seed],  # the split depends on the seed
         "tokenizer": tokenizer_id,
         "code": code_fingerprint(),
@@ -89,12 +92,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def code_fingerprint() -> str:
-    here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / name).read_bytes() for name in DATA_CODE)).hexdigest()
+    package = Path(__file__).parent.parent
+    files = sorted(f for pattern in DATA_CODE for f in package.glob(pattern))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def load(key: str) -> dict | None:
-    """{train, validation, format, stats} from the cache, or None on a miss (or an unreadable entry)."""
+    """{train, validation, format, stats, objective} from the cache, or None on a miss (or an unreadable entry)."""
     entry = cache_dir() / key
     if not (entry / "meta.json").is_file():
         return None
@@ -110,10 +114,10 @@ def load(key: str) -> dict | None:
         shutil.rmtree(entry, ignore_errors=True)
         return None
     log.info("data: tokenised examples read from the cache (%s)", entry)
-    return {**splits, "format": meta["format"], "stats": meta["stats"]}
+    return {**splits, "format": meta["format"], "stats": meta["stats"], "objective": meta["objective"]}
 
 
-def store(key: str, train: list[dict], validation: list[dict], fmt: str, stats: dict, cfg: DataConfig) -> None:
+def store(key: str, prepared, cfg: DataConfig) -> None:
     """Write an entry atomically (temporary folder, then rename); failures are logged, never raised."""
     root = cache_dir()
     tmp = root / f".tmp-{key}-{os.getpid()}"
@@ -121,12 +125,13 @@ def store(key: str, train: list[dict], validation: list[dict], fmt: str, stats: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for name, examples in (("train", train), ("validation", validation)):
+        for name, examples in (("train", prepared.train), ("validation", prepared.validation)):
             if examples:
                 save_split(examples, tmp / name)
-        meta = {"format": fmt, "stats": stats, "train": cfg.train, "validation": cfg.validation,
+        meta = {"format": prepared.format, "stats": prepared.stats, "objective": prepared.objective,
+                "train": cfg.train, "validation": cfg.validation,
                 "max_seq_len": cfg.max_seq_len, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        atomic_write_json(tmp / "meta.json", meta)  # fsynced, so the renamed entry is whole after a crash
         os.rename(tmp, root / key)
         log.info("data: tokenised examples cached in %s", root / key)
     except Exception as e:  # a full disk or a read-only cache must not fail the run
@@ -138,13 +143,11 @@ def store(key: str, train: list[dict], validation: list[dict], fmt: str, stats: 
 
 
 def save_split(examples: list[dict], path: Path) -> None:
-    from datasets import Dataset, Features, Sequence, Value
+    """Whatever columns the objective's examples have; Arrow infers their types."""
+    from datasets import Dataset
 
-    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
-                         "truncated": Value("bool")})
-    columns = {c: [e[c] for e in examples] for c in COLUMNS}
     with quiet_datasets():
-        Dataset.from_dict(columns, features=features).save_to_disk(str(path))
+        Dataset.from_list(examples).save_to_disk(str(path))
 
 
 @contextlib.contextmanager

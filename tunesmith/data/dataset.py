@@ -3,6 +3,9 @@
     read -> detect/validate format -> split (seeded) -> encode -> drop rows with nothing to learn
     (or all of it read back from the cache of an earlier run with the same inputs: data/cache.py)
 
+How a row is encoded and what counts as nothing to learn belong to the objective
+(tunesmith/objectives/): objective.name=auto picks one by the detected format.
+
 The split and the batch order are pure functions of the seed, so two runs with the same config
 see the same examples in the same order, and a resumed run can find batch k again by index.
 """
@@ -19,7 +22,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data import cache
 from tunesmith.data.formats import detect_format, validate_rows
 from tunesmith.data.readers import Row, read_rows
-from tunesmith.data.tokenize import IGNORE, encode_row
+from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,31 +30,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
-    """Encoded examples ({input_ids, labels, truncated}) and what happened on the way."""
+    """Encoded examples (for the LM objectives {input_ids, labels, truncated}) and what happened on the way."""
 
     train: list[dict]
     validation: list[dict]
     format: str
     stats: dict[str, int] = field(default_factory=dict)
+    objective: str = "sft"  # the objective the examples were encoded for (auto resolved)
 
     def describe(self) -> str:
         s = self.stats
         return (
-            f"{self.format} rows: {s['rows']} read, {len(self.train)} train / {len(self.validation)} validation "
-            f"examples, {s['truncated']} truncated, {s['dropped']} dropped (no answer token within max_seq_len)"
+            f"{self.format} rows for {self.objective}: {s['rows']} read, {len(self.train)} train / "
+            f"{len(self.validation)} validation examples, {s['truncated']} truncated, {s['dropped']} dropped "
+            "(nothing to learn within max_seq_len)"
         )
 
 
-def prepare_datasets(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
-    """Read, validate, split and encode the configured files, or take the result of an earlier run with the
-    same inputs from the cache (data.cache, tunesmith/data/cache.py). Every data problem is a UserError."""
+def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, objective: str = "auto") -> Prepared:
+    """Read, validate, split and encode the configured files for `objective` (a name, or auto: by the data
+    format), or take the result of an earlier run with the same inputs from the cache (data.cache,
+    tunesmith/data/cache.py). Every data problem is a UserError."""
     if not cfg.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
-    key = cache.cache_key(cfg, tokenizer, seed) if cfg.cache else None
+    key = cache.cache_key(cfg, tokenizer, seed, objective) if cfg.cache else None
     cached = cache.load(key) if key else None
-    prepared = Prepared(**cached) if cached else encode_files(cfg, tokenizer, seed)
+    prepared = Prepared(**cached) if cached else encode_files(cfg, tokenizer, seed, objective)
     if key and not cached:
-        cache.store(key, prepared.train, prepared.validation, prepared.format, prepared.stats, cfg)
+        cache.store(key, prepared, cfg)
     stats = prepared.stats
     if stats["truncated"] or stats["dropped"]:
         log.warning("%d rows were cut to data.max_seq_len=%d; %d of them had no answer token left and were dropped",
@@ -59,11 +65,15 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
     return prepared
 
 
-def encode_files(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
+def encode_files(cfg: DataConfig, tokenizer, seed: int, objective_name: str = "auto") -> Prepared:
     """Read, validate, split and encode: what prepare_datasets does when the cache has no copy."""
+    from tunesmith.objectives.registry import get_objective, resolve_name
+
     train_rows = read_rows(cfg.train)
     fmt = detect_format(train_rows, cfg.train) if cfg.format == "auto" else cfg.format
     validate_rows(train_rows, fmt, cfg.train)
+    objective = get_objective(resolve_name(objective_name, fmt))
+    objective.check_format(fmt, cfg.train)
     rows_read = len(train_rows)
     if cfg.validation:
         val_rows = read_rows(cfg.validation)
@@ -72,14 +82,14 @@ def encode_files(cfg: DataConfig, tokenizer, seed: int) -> Prepared:
     else:
         train_rows, val_rows = split_rows(train_rows, cfg.val_split, seed)
     stats = {"rows": rows_read, "truncated": 0, "dropped": 0}
-    train = encode_rows(train_rows, fmt, tokenizer, cfg, cfg.train, stats)
-    validation = encode_rows(val_rows, fmt, tokenizer, cfg, cfg.validation or cfg.train, stats)
+    train = encode_rows(train_rows, fmt, tokenizer, cfg, cfg.train, stats, objective)
+    validation = encode_rows(val_rows, fmt, tokenizer, cfg, cfg.validation or cfg.train, stats, objective)
     if not train:
         raise UserError(
             f"Every training row of {cfg.train} was dropped: no answer token fits in data.max_seq_len="
             f"{cfg.max_seq_len}. Raise data.max_seq_len or shorten the prompts."
         )
-    return Prepared(train, validation, fmt, stats)
+    return Prepared(train, validation, fmt, stats, objective.name)
 
 
 def split_rows(rows: list[Row], val_split: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -95,16 +105,17 @@ def split_rows(rows: list[Row], val_split: float, seed: int) -> tuple[list[Row],
     return train, validation
 
 
-def encode_rows(rows: list[Row], fmt: str, tokenizer, cfg: DataConfig, path: str | Path, stats: dict) -> list[dict]:
-    """Encode rows, counting truncations and dropping (and counting) rows that teach nothing."""
+def encode_rows(rows: list[Row], fmt: str, tokenizer, cfg: DataConfig, path: str | Path, stats: dict,
+                objective) -> list[dict]:
+    """Encode rows as the objective does, counting truncations and dropping (and counting) rows that teach nothing."""
     examples = []
     for row in rows:
         try:
-            example = encode_row(row.fields, fmt, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, cfg.system_prompt)
+            example = objective.encode(row.fields, fmt, tokenizer, cfg)
         except UserError as e:
             raise UserError(f"{path} {row.location}: {e}") from None
         stats["truncated"] += example["truncated"]
-        if has_target(example["labels"]):
+        if objective.keeps(example):
             examples.append(example)
         else:
             stats["dropped"] += 1

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import UserError
+from tunesmith.files import atomic_write_text
 
 NAMES = ["Ada", "Priya", "Mateo", "Yuki", "Omar", "Lena", "Kwame", "Sofia", "Liam", "Mei", "Ivan", "Amara",
          "Noah", "Chloe", "Ravi", "Elena", "Tariq", "Hannah", "Diego", "Ingrid", "Kofi", "Aisha", "Felix", "Nadia",
@@ -158,7 +159,7 @@ def write_demo(out_dir: str | Path, seed: int = 0, n_train: int = 800, n_validat
     paths = {}
     for split, (a, b) in bounds.items():
         paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows[a:b]), encoding="utf-8")
+        atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in rows[a:b]))
     return paths
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunesmith.files import atomic_write, atomic_write_text
+
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
@@ -34,7 +36,7 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))  # the temporary name has no .png to go by
     plt.close(fig)
     return out_png
 
@@ -50,9 +52,10 @@ def write_report(run_dir: Path, summary: dict) -> Path:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     lines = [f"# tunesmith run: {run_dir.name}", ""]
     lines += [f"- model: `{summary['model']}`", f"- method: {summary['method']}",
+              f"- objective: {summary.get('objective', 'sft')}",
               f"- trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
               f"({100 * summary['trainable'] / summary['total']:.2f}%)",
-              f"- steps: {summary['steps']}, labelled tokens trained on: {summary['tokens_seen']:,}, "
+              f"- steps: {summary['steps']}, {summary.get('unit', 'labelled tokens')} trained on: {summary['tokens_seen']:,}, "
               f"time: {summary['train_seconds']:.0f} s",
               f"- data: {summary['data']}", ""]
     if before or after:
@@ -72,5 +75,5 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         lines.append("")
     lines += ["![loss](loss.png)", "", "Artifacts: `config.yaml`, `metrics.jsonl`, `checkpoints/`, `adapter/`."]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -31,7 +31,9 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
-from tunesmith.methods.artifact import WEIGHTS_NAME, copy_into, read_artifact_config, read_weights, write_artifact
+from tunesmith.files import load_state_strict, read_safetensors
+from tunesmith.methods.artifact import WEIGHTS_NAME, read_artifact_config, write_artifact
+from tunesmith.methods.registry import Method
 
 SUBLAYER_NAMES = ("self_attn", "attn", "attention", "mlp", "feed_forward", "ffn")
 
@@ -121,11 +123,14 @@ def load_adapters(model: nn.Module, folder: Path) -> MethodConfig:
     meta = read_artifact_config(folder, "adapter")
     cfg = MethodConfig(name="adapter", adapter_size=meta["adapter_size"])
     path = Path(folder) / WEIGHTS_NAME
-    state = read_weights(path)
+    state = read_safetensors(path, "the weights of bottleneck adapters")
     apply_adapters(model, cfg)
-    expected = set(adapter_tensors(model))
-    if set(state) != expected:
-        key = sorted(set(state) ^ expected)[0]
-        raise UserError(f"{str(path)!r} does not match this model's adapters (first difference: {key!r}).")
-    copy_into(model, state, path)
+    load_state_strict(adapter_tensors(model), state, path, what="this model's bottleneck adapters")
     return cfg
+
+
+METHOD = Method(
+    name="adapter",
+    apply=apply_adapters, save=save_adapters, load=load_adapters, merge=None,
+    describe=lambda cfg: f"size={cfg.adapter_size}",
+)

@@ -53,8 +53,10 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
-from tunesmith.methods.artifact import WEIGHTS_NAME, copy_into, read_artifact_config, read_weights, write_artifact
-from tunesmith.methods.lora import LoRALinear
+from tunesmith.files import load_state_strict, read_safetensors
+from tunesmith.methods.artifact import WEIGHTS_NAME, read_artifact_config, write_artifact
+from tunesmith.methods.lora import LoRALinear, describe_lora
+from tunesmith.methods.registry import Method, lora_plus_groups
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +148,20 @@ def load_delta_lora(model: nn.Module, folder: Path) -> MethodConfig:
                        delta_lambda=meta["delta_lambda"], delta_start_step=meta.get("delta_start_step", 0),
                        target_modules=meta["target_modules"])
     path = Path(folder) / WEIGHTS_NAME
-    state = read_weights(path)
+    state = read_safetensors(path, "the weights of a delta_lora artifact")
     apply_delta_lora(model, cfg)
-    expected = {f"{n}.{k}" for n, _ in delta_modules(model) for k in ("weight", "lora_A.weight", "lora_B.weight")}
-    if set(state) != expected:
-        key = sorted(set(state) ^ expected)[0]
-        raise UserError(f"{str(path)!r} does not match the adapted layers (first difference: {key!r}).")
-    copy_into(model, state, path)
+    expected = {f"{n}.{k}": t for n, m in delta_modules(model)
+                for k, t in (("weight", m.weight), ("lora_A.weight", m.lora_A.weight), ("lora_B.weight", m.lora_B.weight))}
+    load_state_strict(expected, state, path, what="this model's Delta-LoRA layers")
     for _, m in delta_modules(model):
         m.sync_previous()
     return cfg
+
+
+METHOD = Method(
+    name="delta_lora",
+    apply=apply_delta_lora, save=save_delta_lora, load=load_delta_lora, param_groups=lora_plus_groups,
+    after_step=after_step_delta_lora,
+    describe=lambda cfg: f"{describe_lora(cfg)} lambda={cfg.delta_lambda} start_step={cfg.delta_start_step}",
+    not_on_quantized_base="it adds a small update to W after every step, which a 4/8-bit W rounds away",
+)

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config import MethodConfig
-from tunesmith.methods.lora import LoRALinear
+from tunesmith.methods.lora import LoRALinear, describe_lora, load_peft_lora, save_peft_lora
+from tunesmith.methods.registry import Method, lora_plus_groups
 
 
 class DoRALinear(LoRALinear):
@@ -125,3 +126,10 @@ def apply_dora(model: nn.Module, cfg: MethodConfig) -> list[str]:
     from tunesmith.methods.inject import apply_lora
 
     return apply_lora(model, cfg, DoRALinear)
+
+
+METHOD = Method(
+    name="dora",
+    apply=apply_dora, save=save_peft_lora, load=load_peft_lora, describe=describe_lora,
+    param_groups=lora_plus_groups, peft_type="LORA",
+)

@@ -23,7 +23,9 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
-from tunesmith.methods.artifact import WEIGHTS_NAME, copy_into, read_artifact_config, read_weights, write_artifact
+from tunesmith.files import load_state_strict, read_safetensors
+from tunesmith.methods.artifact import WEIGHTS_NAME, read_artifact_config, write_artifact
+from tunesmith.methods.registry import Method
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -72,5 +74,20 @@ def load_freeze(model: nn.Module, folder: Path) -> MethodConfig:
     cfg = MethodConfig(name="freeze", trainable_blocks=meta["trainable_blocks"],
                        trainable_modules=meta["trainable_modules"])
     apply_freeze(model, cfg)
-    copy_into(model, read_weights(Path(folder) / WEIGHTS_NAME), Path(folder) / WEIGHTS_NAME)
+    path = Path(folder) / WEIGHTS_NAME
+    # Only the trained tensors were saved: nothing is required, but every tensor must be the model's.
+    load_state_strict(model, read_safetensors(path, "the weights of a freeze artifact"), path, required=())
     return cfg
+
+
+def describe_freeze(cfg) -> str:
+    return f"last {cfg.trainable_blocks} blocks" + (f", {cfg.trainable_modules}" if cfg.trainable_modules else "")
+
+
+# Trains W itself: the trained blocks are the artifact (merge returns the model as it is); no base to switch back to.
+METHOD = Method(
+    name="freeze",
+    apply=apply_freeze, save=save_freeze, load=load_freeze, describe=describe_freeze,
+    merge=lambda model: model, disable=None,
+    not_on_quantized_base="it trains the weights of whole blocks, and packed 4/8-bit weights have no gradient",
+)

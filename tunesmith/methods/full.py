@@ -26,7 +26,9 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
-from tunesmith.methods.artifact import copy_into, read_artifact_config, read_weights, write_artifact
+from tunesmith.files import load_state_strict, read_safetensors
+from tunesmith.methods.artifact import read_artifact_config, write_artifact
+from tunesmith.methods.registry import Method
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,20 @@ def load_full(model: nn.Module, folder: Path) -> MethodConfig:
         raise UserError(f"{str(folder)!r} has no model*.safetensors: it holds no full model weights.")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(read_weights(shard))
-    copy_into(model, state, folder, allow_missing=False)
+        state.update(read_safetensors(shard, "the weights of a fully fine-tuned model"))
+    # Every parameter is required, except tied copies of one that is loaded (lm_head tied to the
+    # embeddings is saved once); buffers are not (transformers recomputes the non-persistent ones).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    required = [n for n, p in params.items() if id(p) not in loaded]
+    load_state_strict(model, state, folder, required, what="this model")
     return MethodConfig(name="full")
+
+
+# Trains W itself: nothing to merge (the artifact is the merged model) and no base left to switch back to.
+METHOD = Method(
+    name="full",
+    apply=apply_full, save=save_full, load=load_full, describe=lambda cfg: "",
+    merge=lambda model: model, disable=None, sharding="fsdp2",
+    not_on_quantized_base="it trains W itself, and packed 4/8-bit weights have no gradient",
+)

@@ -14,19 +14,15 @@ Weights are read from safetensors only: pickle files (.bin, .pt) can run code wh
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
+from tunesmith.files import atomic_save_safetensors, atomic_write_json, load_state_strict, read_json, read_safetensors
 from tunesmith.methods.dora import DoRALinear
 from tunesmith.methods.inject import adapter_modules, apply_lora
 from tunesmith.methods.lora import LoRALinear
@@ -92,16 +88,6 @@ def adapter_config(model: nn.Module, cfg: MethodConfig, base_model_name_or_path:
     }.items()))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, out_dir: str | Path, cfg: MethodConfig, base_model_name_or_path: str) -> None:
     """Write adapter_config.json and adapter_model.safetensors (PEFT format) into out_dir."""
     out = Path(out_dir)
@@ -109,20 +95,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: MethodConfig, base_
     tensors = adapter_state_dict(model)
     if not tensors:
         raise ValueError("save_adapter: the model has no LoRA adapters")
-    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    text = json.dumps(adapter_config(model, cfg, base_model_name_or_path), indent=2) + "\n"
-    _atomic_write(out / CONFIG_NAME, text.encode("utf-8"))
+    atomic_save_safetensors(tensors, out / WEIGHTS_NAME)
+    atomic_write_json(out / CONFIG_NAME, adapter_config(model, cfg, base_model_name_or_path))
 
 
 def read_adapter_config(adapter_dir: str | Path) -> MethodConfig:
     """adapter_config.json -> MethodConfig, refusing what our LoRA does not compute."""
     path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise UserError(f"{str(path)!r} does not exist: is {str(adapter_dir)!r} a PEFT adapter folder?")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{str(path)!r} is not valid JSON: {e}.") from None
+    raw = read_json(path, "the settings of a PEFT adapter (is its folder an adapter folder?)")
     if not isinstance(raw, dict):
         raise UserError(f"{str(path)!r} must hold a JSON object of LoRA settings.")
     if raw.get("peft_type") != "LORA":
@@ -144,43 +124,28 @@ def read_adapter_config(adapter_dir: str | Path) -> MethodConfig:
         raise UserError(f"{str(path)!r} has invalid LoRA settings: {e}") from None
 
 
-def _weights_path(adapter_dir: Path) -> Path:
+def read_adapter_weights(adapter_dir: Path, what: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, tensors) of adapter_model.safetensors, read strictly (files.read_safetensors). A folder
+    with only a pickle (adapter_model.bin, .pt) is refused without unpickling it."""
     path = adapter_dir / WEIGHTS_NAME
-    if path.is_file():
-        return path
     pickles = [p.name for p in (adapter_dir / "adapter_model.bin", adapter_dir / "adapter_model.pt") if p.is_file()]
-    if pickles:
+    if pickles and not path.is_file():
         raise UserError(
             f"{str(adapter_dir)!r} holds only {', '.join(pickles)}, a pickle file; loading pickles can run "
             f"arbitrary code, so tunesmith reads {WEIGHTS_NAME} only. If you trust the file, convert it once: "
             "`from safetensors.torch import save_file; import torch; "
             f"save_file(torch.load('{pickles[0]}', weights_only=True), '{WEIGHTS_NAME}')`.")
-    raise UserError(f"{str(path)!r} does not exist: the adapter folder has no weights.")
+    return path, read_safetensors(path, what)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> MethodConfig:
     """Inject LoRA as adapter_config.json says and load adapter_model.safetensors (strictly)."""
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
-    path = _weights_path(adapter_dir)
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{str(path)!r} is not a readable safetensors file: {e}.") from None
+    path, state = read_adapter_weights(adapter_dir, f"the weights of a {cfg.name} adapter")
     apply_lora(model, cfg, DoRALinear if cfg.name == "dora" else LoRALinear)
     params = {}
     for name, a in adapter_modules(model):
         params.update(_peft_tensors(name, a))
-    missing, unknown = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-    if missing or unknown:
-        key = missing[0] if missing else unknown[0]
-        kind = "is missing key" if missing else "has unexpected key"
-        raise UserError(f"{str(path)!r} {kind} {key!r} ({len(missing)} missing, {len(unknown)} unexpected): "
-                        "was this adapter trained for a different model?")
-    with torch.no_grad():
-        for key, p in params.items():
-            if state[key].shape != p.shape:
-                raise UserError(f"{str(path)!r}: {key!r} has shape {tuple(state[key].shape)}, "
-                                f"expected {tuple(p.shape)}.")
-            p.copy_(state[key].to(p.dtype))
+    load_state_strict(params, state, path, what=f"this model's {cfg.name} layers as {CONFIG_NAME} describes them")
     return cfg

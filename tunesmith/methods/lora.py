@@ -34,6 +34,7 @@ from torch import nn
 
 from tunesmith.methods.dropout import Dropout
 from tunesmith.methods.lora_kernel import lora_update
+from tunesmith.methods.registry import Method, lora_plus_groups
 from tunesmith.methods.weight_delta import WeightDeltaLinear
 
 
@@ -82,3 +83,36 @@ class LoRALinear(WeightDeltaLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, rslora={self.rslora}"
+
+
+def describe_lora(cfg) -> str:
+    """The settings of a LoRA-family run, for reports."""
+    text = f"r={cfg.r} alpha={cfg.alpha}{' rslora' if cfg.rslora else ''} targets={cfg.target_modules}"
+    return text + (f" lora_plus_ratio={cfg.lora_plus_ratio}" if cfg.lora_plus_ratio else "")
+
+
+# inject.py and io.py build on LoRALinear, so this file reaches them at call time.
+def apply_lora(model: nn.Module, cfg) -> list[str]:
+    from tunesmith.methods.inject import apply_lora as inject_lora
+
+    return inject_lora(model, cfg)
+
+
+def save_peft_lora(model: nn.Module, out_dir, cfg, base_model_name_or_path: str) -> None:
+    """The PEFT LoRA format (adapter_config.json + adapter_model.safetensors), for every LoRA-family layer."""
+    from tunesmith.methods.io import save_adapter
+
+    save_adapter(model, out_dir, cfg, base_model_name_or_path)
+
+
+def load_peft_lora(model: nn.Module, adapter_dir):
+    from tunesmith.methods.io import load_adapter
+
+    return load_adapter(model, adapter_dir)
+
+
+METHOD = Method(
+    name="lora",
+    apply=apply_lora, save=save_peft_lora, load=load_peft_lora, describe=describe_lora,
+    param_groups=lora_plus_groups, peft_type="LORA",
+)

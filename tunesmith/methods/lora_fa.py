@@ -34,7 +34,8 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.methods.dropout import drop_mask
-from tunesmith.methods.lora import LoRALinear
+from tunesmith.methods.lora import LoRALinear, describe_lora, load_peft_lora, save_peft_lora
+from tunesmith.methods.registry import Method, lora_plus_groups
 
 
 class _FrozenAUpdate(torch.autograd.Function):
@@ -87,3 +88,10 @@ def apply_lora_fa(model: nn.Module, cfg: MethodConfig) -> list[str]:
     from tunesmith.methods.inject import apply_lora
 
     return apply_lora(model, cfg, LoRAFALinear)
+
+
+METHOD = Method(
+    name="lora_fa",
+    apply=apply_lora_fa, save=save_peft_lora, load=load_peft_lora, describe=describe_lora,
+    param_groups=lora_plus_groups, peft_type="LORA",
+)

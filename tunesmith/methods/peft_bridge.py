@@ -23,7 +23,7 @@ methods (prefix tuning, prompt tuning) change the inputs rather than layers and 
 
 from __future__ import annotations
 
-import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +31,8 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
+from tunesmith.methods.registry import Method
+from tunesmith.files import atomic_save_safetensors, atomic_write_json, check_keys, read_json
 
 ADAPTER = "default"
 PREFIX = "base_model.model."
@@ -91,44 +93,53 @@ def apply_peft(model: nn.Module, cfg: MethodConfig) -> list[str]:
 
 def save_peft(model: nn.Module, out_dir: Path, cfg: MethodConfig, base_model_name_or_path: str) -> None:
     """adapter_config.json and adapter_model.safetensors as PeftModel.save_pretrained writes them."""
-    require_peft()
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save as safetensors_bytes
-
-    from tunesmith.methods.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+    from tunesmith.methods.io import CONFIG_NAME, WEIGHTS_NAME
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.peft_config[ADAPTER]
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    tensors = {(k if k.startswith("base_model.") else PREFIX + k): v.detach().cpu().contiguous()
-               for k, v in state.items()}
-    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_save_safetensors(_peft_state(model), out / WEIGHTS_NAME)
     raw = config.to_dict()
     raw.update(base_model_name_or_path=base_model_name_or_path, inference_mode=True)
     raw = {k: (sorted(v) if isinstance(v, set) else v) for k, v in raw.items()}
-    _atomic_write(out / CONFIG_NAME, (json.dumps(raw, indent=2, default=str) + "\n").encode("utf-8"))
+    atomic_write_json(out / CONFIG_NAME, raw)
+
+
+def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as PeftModel.save_pretrained names them (`base_model.model.<module path>...`):
+    what save writes, and so also what load expects of a file for the same config."""
+    require_peft()
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {(k if k.startswith("base_model.") else PREFIX + k): v for k, v in state.items()}
 
 
 def load_peft(model: nn.Module, adapter_dir: Path) -> MethodConfig:
-    """Inject the adapter described by adapter_config.json in place and load its weights."""
+    """Inject the adapter described by adapter_config.json in place and load its weights.
+
+    The file is read and checked by us before peft sees it: a corrupt or truncated file, or one whose
+    keys or shapes differ from what peft's layers for this config hold (the keys `save_peft` would
+    write for them), is a UserError naming the file, not a traceback from inside peft."""
     require_peft()
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from tunesmith.methods.io import CONFIG_NAME, _weights_path
+    from tunesmith.methods.io import CONFIG_NAME, read_adapter_weights
 
-    raw = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
+    adapter_dir = Path(adapter_dir)
+    raw = read_json(adapter_dir / CONFIG_NAME, "the settings of a peft adapter")
     fields = {k: v for k, v in raw.items() if k not in ("peft_version", "auto_mapping", "base_model_name_or_path",
                                                         "revision", "inference_mode")}
     config = build_peft_config(fields)
+    kind = str(raw.get("peft_type")).upper()
+    path, state = read_adapter_weights(adapter_dir, f"the weights of a peft {kind} adapter")
     _inject(model, config)
-    state = load_file(_weights_path(Path(adapter_dir)))
+    check_keys(_peft_state(model), state, path, what=f"this model's peft {kind} layers as {CONFIG_NAME} describes them")
     state = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in state.items()}
     result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise UserError(f"{str(adapter_dir)!r} has weights this model's {raw.get('peft_type')} layers do not "
+    if unexpected:  # not expected after check_keys; kept so a peft change cannot load a file half-way silently
+        raise UserError(f"{str(path)!r} has weights this model's {kind} layers do not "
                         f"have, e.g. {unexpected[0]!r}: was it trained for a different model?")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -150,3 +161,25 @@ def merge_peft(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
+
+
+@contextmanager
+def peft_disabled(model: nn.Module):
+    """Every peft layer switched off (peft's own enable_adapters switch), restored afterwards."""
+    layers = [layer for _, layer in tuner_layers(model)]
+    before = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, before):
+            layer.enable_adapters(not was_disabled)
+
+
+METHOD = Method(
+    name="peft",
+    apply=apply_peft, save=save_peft, load=load_peft, merge=merge_peft, disable=peft_disabled,
+    describe=lambda cfg: str(cfg.peft_config),
+    not_on_quantized_base="the peft bridge does not set up peft's bitsandbytes layers; method.name=lora does",
+)

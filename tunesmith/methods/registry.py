@@ -1,37 +1,67 @@
 """Every adaptation method behind one small interface, chosen by `method.name`.
 
-The loop and the commands know nothing of a method's math. A method says:
+The loop and the commands know nothing of a method's math. A method file ends with
+`METHOD = Method(...)`, which says:
 
     apply(model, cfg)          -> names of the modules it changed; freezes what must not train
-    param_groups(model, cfg)   -> optimizer groups; each may carry `lr_scale` (LoRA+ uses it)
+    param_groups(model, cfg)   -> optimizer groups; each may carry `lr_scale` (lora_plus_groups is
+                                  LoRA+, and method.lora_plus_ratio is accepted only where it is used)
     after_step(model)          -> work after each optimizer step (Delta-LoRA uses it), or None
     save(model, dir, cfg, base)-> the trained artifact (PEFT format where one exists)
     load(model, dir)           -> put a saved artifact back onto a base model
     merge(model)               -> the model with the method folded into plain weights, or None
                                   when it cannot be (bottleneck adapters are not linear)
+    disable(model)             -> a context in which the model computes the base model (DPO's and
+                                  PPO's reference for free), or None where the method trains the
+                                  base weights themselves (full, freeze)
+    not_on_quantized_base      -> why it cannot train over a 4/8-bit base, or None when it can
+    sharding                   -> "ddp" (replicate; few trainable weights) or "fsdp2" (shard
+                                  everything) under torchrun
+    peft_type                  -> PEFT's peft_type of its artifact (None: tunesmith's own format)
+    describe(cfg)              -> one line for reports: the method and the settings that matter
 
-Adding a method is one file plus one entry in METHODS. Artifacts: PEFT's format where PEFT has
-the method (lora, lora_fa, dora, vera, peft), tunesmith's own otherwise (methods/artifact.py).
+Adding a method is one file plus one line in METHODS (name -> module); the contract test
+(tests/test_method_contract.py) then checks it like every other. A new option of its own goes in
+config.MethodConfig. Nothing here imports torch until a method is asked for, so reading a config
+stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
 
-from torch import nn
-
-from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def single_group(model: nn.Module, cfg: MethodConfig) -> list[dict]:
+    from tunesmith.config import MethodConfig
+
+# name -> the module that defines METHOD, in the order --help lists them. Loading a PEFT artifact
+# picks the first method here whose peft_type matches (lora loads LORA files, DoRA ones included).
+METHODS: dict[str, str] = {
+    "lora": "tunesmith.methods.lora",
+    "lora_fa": "tunesmith.methods.lora_fa",
+    "dora": "tunesmith.methods.dora",
+    "vera": "tunesmith.methods.vera",
+    "delta_lora": "tunesmith.methods.delta_lora",
+    "adapter": "tunesmith.methods.adapter",
+    "full": "tunesmith.methods.full",
+    "freeze": "tunesmith.methods.freeze",
+    "peft": "tunesmith.methods.peft_bridge",
+}
+
+
+def single_group(model: "nn.Module", cfg: "MethodConfig") -> list[dict]:
     """All trainable parameters at the base learning rate."""
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
 
 
-def lora_plus_groups(model: nn.Module, cfg: MethodConfig) -> list[dict]:
+def lora_plus_groups(model: "nn.Module", cfg: "MethodConfig") -> list[dict]:
     """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns `lora_plus_ratio` times faster than A.
 
     With B initialised at zero, the paper shows that equal step sizes for A and B are inefficient
@@ -49,112 +79,60 @@ def lora_plus_groups(model: nn.Module, cfg: MethodConfig) -> list[dict]:
     return [{"params": other, "lr_scale": 1.0}, {"params": b_params, "lr_scale": float(ratio)}]
 
 
-def merge_weight_deltas(model: nn.Module) -> nn.Module:
+def merge_weight_deltas(model: "nn.Module") -> "nn.Module":
     """Fold every weight-delta adapter into its layer (see inject.merge_and_unload)."""
     from tunesmith.methods.inject import merge_and_unload
 
     return merge_and_unload(model)
 
 
+@contextmanager
+def switch_adapters_off(model: "nn.Module") -> Iterator["nn.Module"]:
+    """Every module with a `disabled` switch turned off (inject.adapters_disabled)."""
+    from tunesmith.methods.inject import adapters_disabled
+
+    with adapters_disabled(model):
+        yield model
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
-    apply: Callable[[nn.Module, MethodConfig], list[str]]
-    save: Callable[[nn.Module, Path, MethodConfig, str], None]
-    load: Callable[[nn.Module, Path], MethodConfig]
-    param_groups: Callable[[nn.Module, MethodConfig], list[dict]] = single_group
-    after_step: Callable[[nn.Module], None] | None = None
-    merge: Callable[[nn.Module], nn.Module] | None = merge_weight_deltas
+    apply: Callable[["nn.Module", "MethodConfig"], list[str]]
+    save: Callable[["nn.Module", Path, "MethodConfig", str], None]
+    load: Callable[["nn.Module", Path], "MethodConfig"]
+    describe: Callable[["MethodConfig"], str]
+    param_groups: Callable[["nn.Module", "MethodConfig"], list[dict]] = single_group
+    after_step: Callable[["nn.Module"], None] | None = None
+    merge: Callable[["nn.Module"], "nn.Module"] | None = merge_weight_deltas
+    disable: Callable[["nn.Module"], ContextManager] | None = switch_adapters_off
+    not_on_quantized_base: str | None = None
+    sharding: str = "ddp"
+    peft_type: str | None = None
+
+    @property
+    def uses_lora_plus(self) -> bool:
+        return self.param_groups is lora_plus_groups
 
 
-def _lora() -> Method:
-    from tunesmith.methods.inject import apply_lora
-    from tunesmith.methods.io import load_adapter, save_adapter
-
-    return Method("lora", apply_lora, save_adapter, load_adapter, lora_plus_groups)
-
-
-def _lora_fa() -> Method:
-    from tunesmith.methods.io import load_adapter, save_adapter
-    from tunesmith.methods.lora_fa import apply_lora_fa
-
-    return Method("lora_fa", apply_lora_fa, save_adapter, load_adapter, lora_plus_groups)
-
-
-def _dora() -> Method:
-    from tunesmith.methods.dora import apply_dora
-    from tunesmith.methods.io import load_adapter, save_adapter
-
-    return Method("dora", apply_dora, save_adapter, load_adapter, lora_plus_groups)
-
-
-def _vera() -> Method:
-    from tunesmith.methods.vera import apply_vera, load_vera, save_vera
-
-    return Method("vera", apply_vera, save_vera, load_vera)
-
-
-def _delta_lora() -> Method:
-    from tunesmith.methods import delta_lora as d
-
-    return Method("delta_lora", d.apply_delta_lora, d.save_delta_lora, d.load_delta_lora, lora_plus_groups,
-                  after_step=d.after_step_delta_lora)
-
-
-def _adapter() -> Method:
-    from tunesmith.methods.adapter import apply_adapters, load_adapters, save_adapters
-
-    return Method("adapter", apply_adapters, save_adapters, load_adapters, merge=None)
-
-
-def _full() -> Method:
-    from tunesmith.methods.full import apply_full, load_full, save_full
-
-    return Method("full", apply_full, save_full, load_full)
-
-
-def _freeze() -> Method:
-    from tunesmith.methods.freeze import apply_freeze, load_freeze, save_freeze
-
-    return Method("freeze", apply_freeze, save_freeze, load_freeze)
-
-
-def _peft() -> Method:
-    from tunesmith.methods.peft_bridge import apply_peft, load_peft, merge_peft, save_peft
-
-    return Method("peft", apply_peft, save_peft, load_peft, merge=merge_peft)
-
-
-METHODS: dict[str, Callable[[], Method]] = {
-    "lora": _lora, "lora_fa": _lora_fa, "dora": _dora, "vera": _vera, "delta_lora": _delta_lora,
-    "adapter": _adapter, "full": _full, "freeze": _freeze, "peft": _peft,
-}
-
-
-def describe_method(cfg: MethodConfig) -> str:
+def describe_method(cfg: "MethodConfig") -> str:
     """One line for reports: the method and the settings that matter for it."""
-    lora = f"r={cfg.r} alpha={cfg.alpha}{' rslora' if cfg.rslora else ''} targets={cfg.target_modules}"
-    lora += f" lora_plus_ratio={cfg.lora_plus_ratio}" if cfg.lora_plus_ratio else ""
-    detail = {
-        "lora": lora, "lora_fa": lora, "dora": lora,
-        "delta_lora": f"{lora} lambda={cfg.delta_lambda} start_step={cfg.delta_start_step}",
-        "vera": f"r={cfg.r} seed={cfg.vera_seed} d_init={cfg.vera_d_init} targets={cfg.target_modules}",
-        "adapter": f"size={cfg.adapter_size}", "full": "",
-        "freeze": f"last {cfg.trainable_blocks} blocks" + (f", {cfg.trainable_modules}" * bool(cfg.trainable_modules)),
-        "peft": str(cfg.peft_config),
-    }.get(cfg.name, "")
-    return f"{cfg.name} {detail}".strip()
+    return f"{cfg.name} {get_method(cfg.name).describe(cfg)}".strip()
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise UserError(f"method.name={name!r} is not a known method; known: {', '.join(sorted(METHODS))}.")
-    return METHODS[name]()
+        raise UserError(f"method.name={name!r} is not a known method; known: {', '.join(METHODS)}.")
+    return importlib.import_module(METHODS[name]).METHOD
 
 
-# PEFT's `peft_type` in adapter_config.json -> our method name, for loading saved artifacts
-# (a LORA file with use_dora=true loads as DoRA; other peft types go through the peft bridge).
-PEFT_TYPES = {"LORA": "lora", "VERA": "vera"}
+def peft_loader(peft_type: str | None) -> Method:
+    """The method that loads a PEFT artifact of this peft_type; the peft bridge for every other type."""
+    for name in METHODS:
+        method = get_method(name)
+        if method.peft_type is not None and method.peft_type == peft_type:
+            return method
+    return get_method("peft")
 
 
 def _artifact_config(adapter_dir: Path) -> tuple[str, dict]:
@@ -182,8 +160,7 @@ def load_artifact(model: nn.Module, adapter_dir: Path) -> MethodConfig:
     kind, raw = _artifact_config(adapter_dir)
     if kind == "tunesmith":
         return get_method(raw["method"]).load(model, adapter_dir)
-    peft_type = raw.get("peft_type")
-    return get_method(PEFT_TYPES.get(peft_type, "peft")).load(model, adapter_dir)
+    return peft_loader(raw.get("peft_type")).load(model, adapter_dir)
 
 
 def artifact_base_model(adapter_dir: Path) -> str | None:

@@ -29,7 +29,6 @@ load never depends on the random generator.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -40,7 +39,9 @@ from torch import nn
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
+from tunesmith.files import atomic_save_safetensors, atomic_write_json, load_state_strict, read_json
 from tunesmith.methods.dropout import Dropout
+from tunesmith.methods.registry import Method
 from tunesmith.methods.weight_delta import WeightDeltaLinear, adapter_dtype
 
 log = logging.getLogger(__name__)
@@ -156,35 +157,29 @@ def vera_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_vera(model: nn.Module, out_dir: Path, cfg: MethodConfig, base_model_name_or_path: str) -> None:
-    from safetensors.torch import save as safetensors_bytes
-
-    from tunesmith.methods.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, peft_targets
+    from tunesmith.methods.io import CONFIG_NAME, WEIGHTS_NAME, peft_targets
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n, _ in vera_modules(model)]
     if not names:
         raise ValueError("save_vera: the model has no VeRA layers")
-    tensors = {k: t.detach().cpu().contiguous() for k, t in vera_state_dict(model).items()}
-    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_save_safetensors(vera_state_dict(model), out / WEIGHTS_NAME)
     config = dict(sorted({
         **_PEFT_DEFAULTS, "base_model_name_or_path": base_model_name_or_path, "d_initial": cfg.vera_d_init,
         "peft_type": "VERA", "projection_prng_key": cfg.vera_seed, "r": cfg.r,
         "target_modules": peft_targets(model, names), "task_type": "CAUSAL_LM", "vera_dropout": cfg.dropout,
     }.items()))
-    _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(out / CONFIG_NAME, config)
 
 
 def load_vera(model: nn.Module, adapter_dir: Path) -> MethodConfig:
     """Apply VeRA as adapter_config.json says and load its vectors (and projections, when saved)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from tunesmith.methods.io import CONFIG_NAME, _weights_path
+    from tunesmith.methods.io import CONFIG_NAME, read_adapter_weights
 
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / CONFIG_NAME
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(path, "the settings of a PEFT VeRA adapter")
     bad = [k for k in _UNSUPPORTED if raw.get(k)] + (["bias"] if raw.get("bias", "none") != "none" else [])
     if bad:
         raise UserError(f"{str(path)!r} uses VeRA options tunesmith does not support: "
@@ -192,24 +187,17 @@ def load_vera(model: nn.Module, adapter_dir: Path) -> MethodConfig:
     cfg = MethodConfig(name="vera", r=raw.get("r", 256), dropout=raw.get("vera_dropout", 0.0),
                        target_modules=raw.get("target_modules"), vera_seed=raw.get("projection_prng_key", 0),
                        vera_d_init=raw.get("d_initial", 0.1))
-    weights = _weights_path(adapter_dir)
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{str(weights)!r} is not a readable safetensors file: {e}.") from None
+    weights, state = read_adapter_weights(adapter_dir, "the weights of a VeRA adapter")
     apply_vera(model, cfg)
     params = vera_state_dict(model)
     optional = {"base_model.vera_A", "base_model.vera_B"}  # without them the seed regenerates A and B
-    missing = sorted(params.keys() - state.keys() - optional)
-    unknown = sorted(state.keys() - params.keys())
-    if missing or unknown:
-        key = missing[0] if missing else unknown[0]
-        raise UserError(f"{str(weights)!r} {'is missing' if missing else 'has unexpected'} key {key!r}: "
-                        "was this adapter trained for a different model?")
-    with torch.no_grad():
-        for key in params.keys() & state.keys():
-            if state[key].shape != params[key].shape:
-                raise UserError(f"{str(weights)!r}: {key!r} has shape {tuple(state[key].shape)}, "
-                                f"expected {tuple(params[key].shape)}.")
-            params[key].copy_(state[key].to(params[key].dtype))
+    load_state_strict(params, state, weights, required=params.keys() - optional,
+                      what=f"this model's VeRA layers as {CONFIG_NAME} describes them")
     return cfg
+
+
+METHOD = Method(
+    name="vera",
+    apply=apply_vera, save=save_vera, load=load_vera, peft_type="VERA",
+    describe=lambda cfg: f"r={cfg.r} seed={cfg.vera_seed} d_init={cfg.vera_d_init} targets={cfg.target_modules}",
+)

@@ -26,6 +26,7 @@ import torch
 
 from tunesmith.config import DEFAULT_MODEL, ModelConfig
 from tunesmith.errors import UserError
+from tunesmith.files import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,10 @@ def builtin_gguf_path(package: str, gguf_name: str) -> Path:
 def check_safetensors_folder(folder: Path, allow_pickle: bool = False) -> None:
     if not (folder / "config.json").is_file():
         raise UserError(f"Model folder {str(folder)!r} has no config.json; is it a Hugging Face model folder?")
-    if any(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    for path in weights:  # headers only: a truncated or corrupt file fails here, naming it, not deep in transformers
+        check_safetensors(path, f"weights of the model in {str(folder)!r}")
+    if weights:
         return
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles and allow_pickle:
@@ -194,6 +198,13 @@ def cached_gguf_conversion(gguf_path: Path, name: str) -> Path:
         return target
     log.info("Converting %s to safetensors once (cached in %s)", gguf_path.name, target)
     started = time.time()
+    convert_gguf(gguf_path, target)
+    log.info("Converted in %.1f s", time.time() - started)
+    return target
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize `gguf_path` into the folder `target` (written under a temporary name, then renamed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -213,5 +224,3 @@ def cached_gguf_conversion(gguf_path: Path, name: str) -> Path:
         os.replace(tmp, target)
     except OSError:  # another process finished first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Converted in %.1f s", time.time() - started)
-    return target

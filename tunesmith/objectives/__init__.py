@@ -1,0 +1,1 @@
+"""Training objectives: registry.py maps objective.name to one module each (sft.py, causal_lm.py, ...)."""

@@ -1,7 +1,7 @@
-"""Next-token loss for causal LM (raw text) and SFT (completions only): one function for both.
+"""Next-token loss, shared by causal LM (raw text) and SFT (completions only).
 
-The two objectives differ only in which labels are -100 (the data pipeline masks prompts for
-SFT), so they share this loss. For a window of micro-batches with labelled positions P:
+The two objectives differ only in which labels are -100 (sft.py masks prompts, causal_lm.py
+does not), so they share this loss. For a window of micro-batches with labelled positions P:
 
     loss = - (1 / |P|) * sum_{t in P} log p(y_t | y_<t)
 
@@ -18,12 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.data.dataset import collate, has_target
+from tunesmith.data.packing import collate_packed
+from tunesmith.objectives.registry import LossOutput, Objective
+
 IGNORE = -100
 HEAD_CHUNK = 2048  # labelled positions per head/cross-entropy chunk
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Return (sum of token cross-entropies, number of labelled tokens) for one micro-batch."""
+def next_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(sum of token cross-entropies, labelled tokens, labelled tokens predicted right by argmax)."""
     # A packed batch has position_ids and no attention mask (see tunesmith/data/packing.py); a KV
     # cache would make transformers ignore the packing, and training needs none. Where the sample
     # starts are passed on, tunesmith/models/attention.py attends per sample (other attention
@@ -47,9 +51,51 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     states = hidden[keep]  # (N, H): only positions that carry a label
     head = model.get_output_embeddings()
     total = hidden.new_zeros(())
+    correct = torch.zeros((), dtype=torch.long)
     # At least one (possibly empty) chunk: a batch without labels then still reaches the head and
     # every weight with a zero gradient, as DDP expects of every process (see train/loop.py).
     for start in range(0, max(1, targets.numel()), HEAD_CHUNK):
+        chunk = targets[start : start + HEAD_CHUNK]
         logits = head(states[start : start + HEAD_CHUNK]).float()  # (chunk, V)
-        total = total + F.cross_entropy(logits, targets[start : start + HEAD_CHUNK], reduction="sum")
-    return total, int(targets.numel())
+        total = total + F.cross_entropy(logits, chunk, reduction="sum")
+        correct += (logits.detach().argmax(-1) == chunk).sum().cpu()
+    return total, int(targets.numel()), correct
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Return (sum of token cross-entropies, number of labelled tokens) for one micro-batch."""
+    total, count, _ = next_token_loss(model, batch)
+    return total, count
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """The objective's loss: the summed cross-entropy, its labelled tokens, and how many argmax got right
+    (token_accuracy in metrics.jsonl: correct / labelled tokens of the window)."""
+    total, count, correct = next_token_loss(model, batch)
+    return total, count, {"token_accuracy": float(correct)}
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that carry a label; position 0 is never predicted."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def unlabelled(example: dict) -> dict:
+    """`example` with every label ignored: a forward and backward that change nothing."""
+    return {**example, "labels": [IGNORE] * len(example["labels"])}
+
+
+def collate_lm(examples: list[dict], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
+    """Padding-free rows of at most pack_len tokens when pack_len > 0 (data/packing.py), else right-padded."""
+    return collate_packed(examples, pad_id, pack_len) if pack_len else collate(examples, pad_id)
+
+
+def keeps(example: dict) -> bool:
+    return has_target(example["labels"])
+
+
+def lm_objective(name: str, formats: tuple[str, ...], encode) -> Objective:
+    """An objective trained by next-token loss on the labels `encode` leaves (the rest is LM-generic)."""
+    return Objective(name=name, formats=formats, unit="labelled tokens", encode=encode,
+                     keeps=keeps, collate=collate_lm, units=labelled_tokens, filler=unlabelled, loss=lm_loss,
+                     metrics=("token_accuracy",))

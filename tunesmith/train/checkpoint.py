@@ -26,21 +26,20 @@ its own shards, so a checkpoint resumes on any number of processes.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import UserError
-from tunesmith.train import distributed
+from tunesmith.files import (atomic_save_safetensors, atomic_torch_save, atomic_write_json, atomic_write_text,
+                             check_keys, fsync_dir, read_json, read_safetensors, read_torch)
+from tunesmith.train import distributed, faults
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -52,19 +51,6 @@ class TrainState:
     tokens_seen: int = 0  # labelled tokens trained on
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_snapshot() -> tuple[dict, dict]:
@@ -146,26 +132,14 @@ def write_checkpoint_files(folder: Path, state: TrainState, trainable: dict, opt
     rng_tensors, rng_plain = rngs[0]
     for r, (tensors, _) in enumerate(rngs[1:], start=1):
         rng_tensors = {**rng_tensors, **{f"rank{r}/{k}": v for k, v in tensors.items()}}
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, folder / "trainable.safetensors")
-    torch.save(optimizer_state, folder / "optimizer.pt")
-    torch.save(rng_tensors, folder / "rng.pt")
+    # Each file is written and fsynced by files.py; the marker goes last, and only then is the folder renamed.
+    atomic_save_safetensors(trainable, folder / "trainable.safetensors")
+    atomic_torch_save(optimizer_state, folder / "optimizer.pt")
+    atomic_torch_save(rng_tensors, folder / "rng.pt")
     meta = {"train_state": state.__dict__, "rng": rng_plain, "config": config}
-    (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-    _test_hook_pause_in_save(folder, state.step)
-    for f in folder.iterdir():
-        fsync_file(f)
-    (folder / MARKER).write_text("ok\n", encoding="utf-8")  # last: its presence means complete
-    fsync_file(folder / MARKER)
-    fsync_dir(folder)
-
-
-def _test_hook_pause_in_save(folder: Path, step: int) -> None:
-    """Test-only: TUNESMITH_TEST_PAUSE_IN_SAVE=STEP:SECONDS pauses the save of STEP before its marker,
-    after touching `<folder>.saving`, so a test can kill the process mid-save."""
-    hook = os.environ.get("TUNESMITH_TEST_PAUSE_IN_SAVE")
-    if hook and int(hook.split(":")[0]) == step:
-        folder.with_name(folder.name + ".saving").touch()
-        time.sleep(float(hook.split(":")[1]))
+    atomic_write_json(folder / "state.json", meta, indent=None)
+    faults.in_save(folder, state.step)  # test-only: lets a test kill the process mid-save
+    atomic_write_text(folder / MARKER, "ok\n")  # last: its presence means complete
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -204,13 +178,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     for name, f in files.items():
         if not f.is_file():
             raise UserError(f"Checkpoint {str(path)!r} is missing {name}; it cannot be resumed exactly.")
-    try:
-        trainable = load_file(files["trainable.safetensors"])
-        opt_state = torch.load(files["optimizer.pt"], weights_only=True, map_location="cpu")
-        rng_tensors = torch.load(files["rng.pt"], weights_only=True, map_location="cpu")
-        meta = json.loads(files["state.json"].read_text(encoding="utf-8"))
-    except Exception as e:  # corrupt bytes surface as many exception types
-        raise UserError(f"Checkpoint {str(path)!r} is corrupt ({type(e).__name__}: {e}).") from None
+    trainable = read_safetensors(files["trainable.safetensors"], "the checkpoint's trainable weights")
+    opt_state = read_torch(files["optimizer.pt"], "the checkpoint's optimizer state")
+    rng_tensors = read_torch(files["rng.pt"], "the checkpoint's random generator states")
+    meta = read_json(files["state.json"], "the checkpoint's step and random generator states")
     copy_trainable(model, trainable, files["trainable.safetensors"])
     optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, opt_state))
     # This process's torch RNG states if the checkpoint has them (written by as many processes), else rank 0's.
@@ -221,14 +192,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def copy_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor], source: Path) -> None:
     """Copy a checkpoint's tensors into the model (each process's shard of them under FSDP2)."""
-    params = checkpoint_tensors(model)
-    expected = set(params)
-    if set(trainable) != expected:
-        missing, extra = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
-        raise UserError(
-            f"Checkpoint {str(source)!r} does not match the model's trainable weights "
-            f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written with another config?"
-        )
+    params = checkpoint_tensors(model)  # under FSDP2 DTensors, whose .shape is the whole tensor's
+    check_keys(params, trainable, source, what="the model's trainable weights (was it written with another config?)")
     with torch.no_grad():
         for name, tensor in trainable.items():
             params[name].copy_(distributed.shard_like(params[name], tensor))

@@ -7,7 +7,7 @@ with `train.batch_size=B` train like one process with `B * N`:
 
     adapter methods (lora, dora, vera, adapter, freeze, peft, ...)   DDP: every process holds the
         whole model; the few trainable gradients are all-reduced (averaged) after backward.
-    method.name=full                                                 FSDP2 (fully_shard): each
+    method.name=full (its METHOD says sharding="fsdp2")              FSDP2 (fully_shard): each
         process keeps 1/N of every weight, gradient and AdamW moment; a block's weights are
         all-gathered just before it runs and freed after, gradients are reduce-scattered.
 
@@ -126,15 +126,17 @@ def call_module(module: nn.Module, batch: dict):
 def wrap(model: nn.Module, loss_fn, method_name: str):
     """(module, loss_fn) for the loop: `loss_fn(module, batch)` computes the loss; unchanged for one process.
 
-    `full` trains every weight, so gradients and AdamW moments are three more copies of the
-    model: FSDP2 shards all four over the processes. Adapters train a few parameters: DDP
-    replicates them, which costs nothing and keeps the model whole on every rank.
+    The method says how (its `sharding`): `full` trains every weight, so gradients and AdamW moments
+    are three more copies of the model: FSDP2 shards all four over the processes. Adapters train a
+    few parameters: DDP replicates them, which costs nothing and keeps the model whole on every rank.
     """
+    from tunesmith.methods.registry import get_method
+
     if world() == 1:
         return model, loss_fn
     device = next(model.parameters()).device
     wrapped = LossModule(model, loss_fn)
-    if method_name == "full":
+    if get_method(method_name).sharding == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 

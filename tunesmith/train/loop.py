@@ -1,46 +1,49 @@
 """The training loop, shared by every method and objective.
 
-What differs between methods lives in the model (which parameters are trainable); what differs
-between objectives lives in `loss_fn`. The loop only does this, per optimizer step:
+What differs between methods lives in the model (which parameters are trainable) and in the
+method's parameter groups and after-step hook; what differs between objectives lives in the
+objective (tunesmith/objectives/registry.py): how examples become micro-batches, what the loss
+is normalised by, the loss and its metrics, an optional rollout. The loop only does this, per
+optimizer step:
 
     window = the next grad_accum micro-batches (a pure function of seed and step)
-    loss   = sum of token losses in the window / labelled tokens in the window
+    window = objective.rollout(model, window, step, generator(seed, step))    (online RL only)
+    loss   = sum of the loss in the window / the objective's units in the window
     clip the gradient norm; skip the step if loss or gradient is not finite
-    set lr from the schedule; AdamW step; log; maybe validate; maybe checkpoint
+    set lr from the schedule; optimizer step; method.after_step; log; maybe validate; maybe checkpoint
 
-Because the data order, the schedule and the RNG states are functions of the step or saved in
-the checkpoint, a killed run resumed from its newest checkpoint ends bit-exact with an
-uninterrupted one (fp32, CPU).
+Because the data order, the schedule, the rollout seed and the RNG states are functions of the
+step or saved in the checkpoint, a killed run resumed from its newest checkpoint ends bit-exact
+with an uninterrupted one (fp32, CPU).
 
 Under torchrun every process runs this loop on its share of each micro-batch, through the DDP or
-FSDP2 wrapper of distributed.py; counts, loss and gradient norm are those of the global window.
+FSDP2 wrapper of distributed.py; counts, loss, metrics and gradient norm are those of the global window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import os
-import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config
-from tunesmith.data.dataset import collate, epoch_order
+from tunesmith.data.dataset import epoch_order
 from tunesmith.data.grouping import length_grouped_order
-from tunesmith.data.packing import collate_packed
 from tunesmith.errors import UserError
+from tunesmith.files import atomic_write_text
 from tunesmith.models.attention import NAME as VARLEN
 from tunesmith.models.attention import restore_attention, use_varlen_attention
-from tunesmith.objectives.lm import IGNORE, token_loss_sum
-from tunesmith.train import distributed
+from tunesmith.objectives.registry import Objective, as_loss_output, get_objective
+from tunesmith.train import distributed, faults
 from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete_checkpoints, load_checkpoint,
                                        save_checkpoint)
 from tunesmith.train.compile import compile_layers, uncompile_layers
@@ -49,7 +52,13 @@ from tunesmith.train.recompute import disable_checkpointing, enable_checkpointin
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+LossFn = Callable[[torch.nn.Module, dict], tuple]  # (model, batch) -> (sum, units) or (sum, units, metrics)
+
+
+def default_objective(cfg: Config) -> Objective:
+    """The configured objective; auto means the examples were encoded by whichever the data format chose,
+    and the two it can choose (sft, causal_lm) batch and score alike."""
+    return get_objective("sft" if cfg.objective.name == "auto" else cfg.objective.name)
 
 
 @dataclass
@@ -82,12 +91,14 @@ class BatchSource:
 
     Under torchrun micro-batch k is global (schedule.batch_size rows, the same on every process) and
     each process trains on its own contiguous share of it (distributed.share). With `group_by_length`
-    the global micro-batches hold rows of similar length (tunesmith/data/grouping.py)."""
+    the global micro-batches hold rows of similar length (tunesmith/data/grouping.py). The objective
+    turns the rows into tensors."""
 
     def __init__(self, examples: list[dict], schedule: Schedule, seed: int, pad_id: int, device: torch.device,
-                 pack_len: int = 0, group_by_length: bool = False):
+                 pack_len: int = 0, group_by_length: bool = False, objective: Objective | None = None):
         self.examples, self.schedule, self.seed, self.pad_id, self.device = examples, schedule, seed, pad_id, device
         self.pack_len = pack_len  # > 0: padding-free rows of at most this many tokens
+        self.objective = objective or get_objective("sft")
         self.lengths = [len(e["input_ids"]) for e in examples] if group_by_length else None
         self._order: tuple[int, list[int]] | None = None
 
@@ -103,11 +114,11 @@ class BatchSource:
         bs = self.schedule.batch_size
         indices = self._order[1][position * bs : (position + 1) * bs]
         mine = distributed.share(indices)
-        _test_hook_log_samples(k, self.schedule.grad_accum, mine)
-        # A short last micro-batch can leave a process no row. It runs an unlabelled row instead (no
+        faults.log_samples(k, self.schedule.grad_accum, mine, distributed.rank(), distributed.world())
+        # A short last micro-batch can leave a process no row. It runs a filler row instead (no
         # loss, zero gradient): DDP and FSDP2 need every process in every forward and backward.
-        rows = [self.examples[i] for i in mine] or [unlabelled(self.examples[indices[0]])]
-        batch = collate_packed(rows, self.pad_id, self.pack_len) if self.pack_len else collate(rows, self.pad_id)
+        rows = [self.examples[i] for i in mine] or [self.objective.filler(self.examples[indices[0]])]
+        batch = self.objective.collate(rows, self.pad_id, self.pack_len)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def window(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -122,39 +133,50 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["real_tokens"])
 
 
-def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def unlabelled(example: dict) -> dict:
-    """`example` with every label ignored: a forward and backward that change nothing."""
-    return {**example, "labels": [IGNORE] * len(example["labels"])}
+def rollout_generator(seed: int, step: int) -> torch.Generator:
+    """The generator a rollout samples with: a function of (seed, step) alone, so resume samples alike."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn: LossFn = token_loss_sum,
-                    pack_len: int = 0):
-    """Token-weighted mean loss over `examples` (eval mode: no dropout, no RNG use).
+def held_out_score(model, examples: list[dict], batch_size: int, pad_id: int, objective: Objective,
+                   loss_fn: LossFn | None = None, pack_len: int = 0) -> dict[str, float] | None:
+    """{"val_loss": mean loss per unit, "val_<metric>": ...} over `examples` (eval mode: no dropout, no RNG).
 
     Under torchrun process r scores batches r, r + world, ...; in the last round a process left
-    without one runs an unlabelled row, because FSDP2 needs every process in every forward.
+    without one runs a filler row, because FSDP2 needs every process in every forward.
     pack_len > 0 packs each batch like training does (the same loss, less compute)."""
     if not examples:
         return None
+    if objective.score is not None:
+        return objective.score(model, examples, batch_size, pad_id, pack_len)
+    loss_fn = loss_fn or objective.loss
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums = {"val_loss": 0.0, **{f"val_{m}": 0.0 for m in objective.metrics}}
+    units = 0
     starts = range(0, len(examples), batch_size)
     for first in range(0, len(starts), distributed.world()):
         j = first + distributed.rank()
-        rows = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else [unlabelled(examples[0])]
-        batch = collate_packed(rows, pad_id, pack_len) if pack_len else collate(rows, pad_id)
-        loss_sum, n = loss_fn(model, {k: v.to(device) for k, v in batch.items() if k != "real_tokens"})
-        total, count = total + float(loss_sum), count + n
-    total, count = distributed.sum_over_ranks(total, count)
+        rows = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else [objective.filler(examples[0])]
+        batch = objective.collate(rows, pad_id, pack_len)
+        loss_sum, n, metrics = as_loss_output(loss_fn(model, {k: v.to(device) for k, v in batch.items()
+                                                              if k != "real_tokens"}))
+        sums["val_loss"] += float(loss_sum)
+        for m in objective.metrics:
+            sums[f"val_{m}"] += float(metrics.get(m, 0.0))
+        units += n
+    *totals, units = distributed.sum_over_ranks(*sums.values(), units)
     model.train(was_training)
-    return total / max(1, count)
+    return {k: v / max(1, units) for k, v in zip(sums, totals)}
+
+
+def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn: LossFn | None = None,
+                    pack_len: int = 0, objective: Objective | None = None):
+    """The mean held-out loss alone (see held_out_score)."""
+    scores = held_out_score(model, examples, batch_size, pad_id, objective or get_objective("sft"), loss_fn, pack_len)
+    return None if scores is None else scores["val_loss"]
 
 
 class MetricsLog:
@@ -166,13 +188,11 @@ class MetricsLog:
         if self.path is None:
             return
         if resume_step is None:
-            path.write_text("", encoding="utf-8")
+            atomic_write_text(path, "")
         elif path.exists():
-            # Rewritten under a temporary name, then renamed: a kill here loses no line.
+            # Rewritten atomically (files.py): a kill here loses no line.
             kept = [l for l in path.read_text(encoding="utf-8").splitlines() if l and _line_step(l) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -199,169 +219,195 @@ def packed_row_length(model, cfg: Config) -> int:
     return sys.maxsize if model.config._attn_implementation == VARLEN else cfg.data.max_seq_len
 
 
+@dataclass
+class Setup:
+    """What training runs through: the model, the (possibly DDP/FSDP2-wrapped) module the loss runs through,
+    its loss function, the packing length."""
+
+    model: torch.nn.Module
+    runner: torch.nn.Module
+    loss_fn: LossFn
+    pack_len: int
+
+
+@contextlib.contextmanager
+def training_setup(model, cfg: Config, loss_fn: LossFn, objective: Objective) -> Iterator[Setup]:
+    """Switch the model into its training configuration, and back on the way out however the run ends.
+
+    Packed rows attend per sample (tunesmith/models/attention.py), so a row's length costs nothing
+    quadratic: a micro-batch becomes one row, with no padding at all. Where another attention
+    implementation is configured, rows stay within max_seq_len (its mask is quadratic in the row).
+    Checkpointing and compiling change how the decoder layers run, so they go in before DDP or FSDP2
+    wrap the model. FSDP2's sharding is not undone: train() rebuilds a whole model from the checkpoint."""
+    t = cfg.train
+    with contextlib.ExitStack() as undo:
+        undo.callback(model.eval)
+        pack_len = 0
+        if cfg.data.packing and objective.packs:
+            before = use_varlen_attention(model)
+            undo.callback(restore_attention, model, before)
+            pack_len = packed_row_length(model, cfg)
+        if t.gradient_checkpointing:
+            enable_checkpointing(model)
+            undo.callback(disable_checkpointing, model)
+        if t.compile:
+            compile_layers(model)
+            undo.callback(uncompile_layers, model)
+        runner, loss_fn = distributed.wrap(model, loss_fn, cfg.method.name)  # (model, loss_fn) for one process
+        yield Setup(model, runner, loss_fn, pack_len)
+
+
+def resume_state(run_dir: Path, model, optimizer, total_steps: int, resume: bool) -> TrainState | None:
+    """The state of the newest complete checkpoint when resuming (weights and optimizer loaded), else None."""
+    if not resume:
+        return None
+    found = complete_checkpoints(run_dir)
+    if not found:
+        log.info("train.resume is on but %s has no complete checkpoint; starting fresh", run_dir)
+        return None
+    state = load_checkpoint(found[-1], model, optimizer)
+    log.info("Resumed from %s (step %d of %d)", found[-1], state.step, total_steps)
+    return state
+
+
 def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_id: int,
-          loss_fn: LossFn = token_loss_sum,
+          loss_fn: LossFn | None = None,
           param_groups: list[dict] | Callable[[torch.nn.Module], list[dict]] | None = None,
-          after_step: Callable[[torch.nn.Module], None] | None = None):
+          after_step: Callable[[torch.nn.Module], None] | None = None,
+          objective: Objective | None = None):
     """Train `model` in place. Returns the final TrainState.
 
-    `param_groups` (default: every trainable parameter at the base rate) and `after_step` come
-    from the method, so methods that change the training rule need no branch in this loop.
-    `param_groups` may be a function of the model: under torchrun with method.name=full, FSDP2
-    replaces every parameter by a shard, so the groups must be built after it did (distributed.py),
-    and on return `model` holds shards (the final checkpoint holds the whole weights).
+    `objective` (default: the configured one) batches, normalises and scores; `loss_fn` replaces its
+    loss (tests count or break calls through it). `param_groups` (default: every trainable parameter
+    at the base rate) and `after_step` come from the method, so methods that change the training rule
+    need no branch in this loop. `param_groups` may be a function of the model: under torchrun with
+    method.name=full, FSDP2 replaces every parameter by a shard, so the groups must be built after it
+    did (distributed.py), and on return `model` holds shards (the final checkpoint holds the whole weights).
     """
     device = next(model.parameters()).device
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
+    objective = objective or default_objective(cfg)
+    faults.warn_if_armed()
     distributed.init(device.type)
     schedule = Schedule.from_config(len(train_examples), cfg, distributed.world())
-    # Packed rows attend per sample (tunesmith/models/attention.py), so a row's length costs nothing
-    # quadratic: a micro-batch becomes one row, with no padding at all. Where another attention
-    # implementation is configured, rows stay within max_seq_len (its mask is quadratic in the row).
-    attention_before = use_varlen_attention(model) if cfg.data.packing else None
-    pack_len = packed_row_length(model, cfg) if cfg.data.packing else 0
-    source = BatchSource(train_examples, schedule, t.seed, pad_id, device, pack_len, cfg.data.group_by_length)
-    # Both change how the decoder layers run, so they go in before DDP or FSDP2 wrap the model.
-    if t.gradient_checkpointing:
-        enable_checkpointing(model)
-    if t.compile:
-        compile_layers(model)
-    runner, loss_fn = distributed.wrap(model, loss_fn, cfg.method.name)  # (model, loss_fn) for one process
-    if callable(param_groups):
-        param_groups = param_groups(model)
-    optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
-    state = TrainState()
-    resume_step = None
-    if t.resume:
-        found = complete_checkpoints(run_dir)
-        if found:
-            state = load_checkpoint(found[-1], model, optimizer)
-            resume_step = state.step
-            log.info("Resumed from %s (step %d of %d)", found[-1], state.step, schedule.total_steps)
-        else:
-            log.info("train.resume is on but %s has no complete checkpoint; starting fresh", run_dir)
-    metrics = MetricsLog(Path(run_dir) / "metrics.jsonl", resume_step)
-    config_dict = cfg.to_dict()
-
-    runner.train()
-    bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not distributed.is_main())
-    while state.step < schedule.total_steps:
-        started = time.perf_counter()
-        step = state.step
-        loss, grad_norm, tokens, seen = train_step(runner, optimizer, source.window(step), t.max_grad_norm,
-                                                   _test_hook_kill_in_window(loss_fn, step + 1))
-        # loss and grad_norm are global (summed or combined over processes): every process decides alike
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            set_lr(optimizer, lr_at(step, t, schedule.total_steps))
-            optimizer.step()
-            if after_step is not None:
-                after_step(model)
-            state.bad_steps_in_row = 0
-            state.tokens_seen += seen
-        else:
-            state.skipped_steps += 1
-            state.bad_steps_in_row += 1
-            log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); step skipped", step + 1, loss, grad_norm)
-            if state.bad_steps_in_row >= t.max_bad_steps:
-                raise UserError(
-                    f"Training aborted at step {step + 1}: {state.bad_steps_in_row} steps in a row had a non-finite "
-                    "loss or gradient. Lower train.lr, check the data, or raise train.max_bad_steps."
-                )
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        elapsed = time.perf_counter() - started
-        record = {
-            "step": state.step,
-            "loss": loss,
-            "lr": lr_at(step, t, schedule.total_steps),
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / elapsed,
-            "epoch": step * schedule.grad_accum / schedule.batches_per_epoch,
-        }
-        if state.step % t.log_every == 0 or state.step == schedule.total_steps:
-            metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        last = state.step == schedule.total_steps
-        if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
-            val = validation_loss(runner, val_examples, t.batch_size, pad_id, loss_fn, pack_len)
-            metrics.write({"step": state.step, "val_loss": val})
-            if distributed.is_main():
-                bar.write(f"step {state.step}: validation loss {val:.4f}")
-        if (t.save_every and state.step % t.save_every == 0) or last:
-            save_checkpoint(run_dir, state, trainable_state(model), optimizer, config_dict, t.keep_checkpoints)
-        _test_hook_kill(state.step)
-    bar.close()
-    if attention_before is not None:
-        restore_attention(model, attention_before)
-    if t.gradient_checkpointing:
-        disable_checkpointing(model)
-    if t.compile:
-        uncompile_layers(model)
-    model.eval()
+    with training_setup(model, cfg, loss_fn or objective.loss, objective) as setup:
+        source = BatchSource(train_examples, schedule, t.seed, pad_id, device, setup.pack_len,
+                             cfg.data.group_by_length, objective)
+        if callable(param_groups):
+            param_groups = param_groups(model)
+        optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
+        state = resume_state(run_dir, model, optimizer, schedule.total_steps, t.resume)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", state.step if state else None)
+        state = state or TrainState()
+        setup.runner.train()
+        bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not distributed.is_main())
+        while state.step < schedule.total_steps:
+            run_step(setup, optimizer, source, objective, state, schedule, cfg, after_step, metrics, bar)
+            last = state.step == schedule.total_steps
+            if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
+                scores = held_out_score(setup.runner, val_examples, t.batch_size, pad_id, objective, setup.loss_fn,
+                                        setup.pack_len)
+                metrics.write({"step": state.step, **scores})
+                if distributed.is_main():
+                    bar.write(f"step {state.step}: validation " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()))
+            if (t.save_every and state.step % t.save_every == 0) or last:
+                save_checkpoint(run_dir, state, trainable_state(model), optimizer, cfg.to_dict(), t.keep_checkpoints)
+            faults.after_step(state.step, distributed.rank())
+        bar.close()
     return state
 
 
-def train_step(model, optimizer, window, max_grad_norm: float, loss_fn: LossFn):
-    """Forward and backward over one accumulation window; returns (loss, grad norm, tokens, labelled).
+def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective, state: TrainState,
+             schedule: Schedule, cfg: Config, after_step, metrics: "MetricsLog", bar) -> None:
+    """One optimizer step, read top to bottom: data, rollout, forward/backward, update, log."""
+    t = cfg.train
+    started = time.perf_counter()
+    step = state.step  # 0-based index of this step; state.step counts the steps done
+    window = source.window(step)
+    if objective.rollout is not None:
+        window = objective.rollout(setup.runner, window, step, rollout_generator(t.seed, step))
+    result = train_step(setup.runner, optimizer, window, t.max_grad_norm, faults.in_window(setup.loss_fn, step + 1),
+                        objective)
+    # loss and grad_norm are global (summed or combined over processes): every process decides alike
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        set_lr(optimizer, lr_at(step, t, schedule.total_steps))
+        optimizer.step()
+        if after_step is not None:
+            after_step(setup.model)
+        state.bad_steps_in_row = 0
+        state.tokens_seen += result.units
+    else:
+        skip_step(state, step, result, t.max_bad_steps)
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    elapsed = time.perf_counter() - started
+    record = {
+        "step": state.step,
+        "loss": result.loss,
+        **result.metrics,
+        "lr": lr_at(step, t, schedule.total_steps),
+        "grad_norm": result.grad_norm,
+        "tokens_per_s": result.tokens / elapsed,
+        "step_time": elapsed,
+        "epoch": step * schedule.grad_accum / schedule.batches_per_epoch,
+    }
+    if state.step % t.log_every == 0 or state.step == schedule.total_steps:
+        metrics.write(record)
+    bar.update(1)
+    bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in result.metrics.items()},
+                    lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-    Under torchrun every count and the loss are those of the global window (all processes)."""
-    labelled, tokens = map(int, distributed.sum_over_ranks(sum(labelled_tokens(b) for b in window),
-                                                            sum(real_tokens(b) for b in window)))
+
+def skip_step(state: TrainState, step: int, result: "StepResult", max_bad_steps: int) -> None:
+    """Count a non-finite step (no update); abort after max_bad_steps of them in a row."""
+    state.skipped_steps += 1
+    state.bad_steps_in_row += 1
+    log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); step skipped", step + 1,
+                result.loss, result.grad_norm)
+    if state.bad_steps_in_row >= max_bad_steps:
+        raise UserError(
+            f"Training aborted at step {step + 1}: {state.bad_steps_in_row} steps in a row had a non-finite "
+            "loss or gradient. Lower train.lr, check the data, or raise train.max_bad_steps."
+        )
+
+
+@dataclass
+class StepResult:
+    """One step's global numbers: mean loss per unit, gradient norm, real tokens, units, mean metrics."""
+
+    loss: float
+    grad_norm: float
+    tokens: int
+    units: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_step(model, optimizer, window, max_grad_norm: float, loss_fn: LossFn,
+               objective: Objective | None = None) -> StepResult:
+    """Forward and backward over one accumulation window.
+
+    Under torchrun every count, the loss and the metrics are those of the global window (all processes)."""
+    objective = objective or get_objective("sft")
+    units, tokens = map(int, distributed.sum_over_ranks(sum(objective.units(b) for b in window),
+                                                         sum(real_tokens(b) for b in window)))
     total = 0.0
+    sums = dict.fromkeys(objective.metrics, 0.0)
     for i, batch in enumerate(window):
         with distributed.grad_sync(model, enabled=i == len(window) - 1):
-            loss_sum, _ = loss_fn(model, batch)
-            # Normalise by the labelled tokens of the whole window, so k micro-batches of B/k rows
-            # give the same gradient as one batch of B rows. DDP and FSDP2 average the gradients of
-            # the processes: times world, the average is the sum, the gradient of the global window.
-            (loss_sum * distributed.world() / max(1, labelled)).backward()
+            loss_sum, _, metrics = as_loss_output(loss_fn(model, batch))
+            # Normalise by the units of the whole window (labelled tokens, pairs, ...), so k micro-batches
+            # of B/k rows give the same gradient as one batch of B rows. DDP and FSDP2 average the gradients
+            # of the processes: times world, the average is the sum, the gradient of the global window.
+            (loss_sum * distributed.world() / max(1, units)).backward()
         total += float(loss_sum.detach())
-    (total,) = distributed.sum_over_ranks(total)
+        for name in sums:
+            sums[name] += float(metrics.get(name, 0.0))
+    total, *metric_totals = distributed.sum_over_ranks(total, *sums.values())
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = distributed.clip_grad_norm(params, limit) if params else 0.0
-    return total / max(1, labelled), grad_norm, tokens, labelled
-
-
-def _test_hook_kill(step: int) -> None:
-    """Test-only: TUNESMITH_TEST_KILL_AT_STEP=N sends this process SIGKILL right after step N. Under
-    torchrun TUNESMITH_TEST_KILL_RANK=R limits it to rank R (torchrun then takes the others down)."""
-    target = os.environ.get("TUNESMITH_TEST_KILL_AT_STEP")
-    only = os.environ.get("TUNESMITH_TEST_KILL_RANK")
-    if target and int(target) == step and (only is None or int(only) == distributed.rank()):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _test_hook_kill_in_window(loss_fn: LossFn, step: int) -> LossFn:
-    """Test-only: TUNESMITH_TEST_KILL_IN_STEP=N:K sends SIGKILL inside step N, once K (< grad_accum) of its
-    micro-batches have been through forward and backward: a kill inside an accumulation window."""
-    hook = os.environ.get("TUNESMITH_TEST_KILL_IN_STEP")
-    if not hook or int(hook.split(":")[0]) != step:
-        return loss_fn
-    done, calls = int(hook.split(":")[1]), [0]
-
-    def counted(model, batch):
-        if calls[0] == done:
-            os.kill(os.getpid(), signal.SIGKILL)
-        calls[0] += 1
-        return loss_fn(model, batch)
-
-    return counted
-
-
-def _test_hook_log_samples(k: int, grad_accum: int, indices: list[int]) -> None:
-    """Test-only: TUNESMITH_TEST_LOG_SAMPLES=PATH appends one JSON line per micro-batch served:
-    {"step": 1-based step, "micro": k, "rows": row indices}, so a test can compare data orders. Under
-    torchrun every process logs its own share, with "rank" added."""
-    path = os.environ.get("TUNESMITH_TEST_LOG_SAMPLES")
-    if path:
-        record = {"step": k // grad_accum + 1, "micro": k, "rows": list(indices)}
-        if distributed.world() > 1:
-            record["rank"] = distributed.rank()
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+    return StepResult(total / max(1, units), grad_norm, tokens, units,
+                      {name: v / max(1, units) for name, v in zip(sums, metric_totals)})

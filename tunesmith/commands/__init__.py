@@ -1,0 +1,14 @@
+"""The subcommands, one module per command family, in the order `tunesmith --help` lists them.
+
+Each module has `register(subparsers)`, which adds its subcommands and binds each to the function
+that runs it (`parser.set_defaults(run=...)`); cli.py imports the modules named here and calls it.
+A new family (serve, embed) is one module plus one line below. Modules import torch and the
+rest of tunesmith inside the functions that run, so `tunesmith --help` stays instant.
+"""
+
+MODULES = (
+    "tunesmith.commands.train",  # train, demo
+    "tunesmith.commands.infer",  # eval, generate, chat
+    "tunesmith.commands.artifacts",  # merge, quantize
+    "tunesmith.commands.data",  # data demo
+)

@@ -1,0 +1,84 @@
+"""`tunesmith merge` and `tunesmith quantize`: write a model folder that plain transformers loads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tunesmith.commands.infer import adapter_base_config
+from tunesmith.commands.options import add_section_options, resolve_options
+from tunesmith.config import ModelConfig, MergeConfig, QuantizeConfig
+from tunesmith.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge an adapter into its base and save a plain transformers folder",
+                              description="Fold an adapter (any mergeable method) into its base model and save a "
+                              "plain transformers folder; a QLoRA adapter is merged into the dequantized base it was "
+                              "trained on (docs/qlora.md).")
+    add_section_options(p, "merge", MergeConfig)
+    p.set_defaults(run=_run_merge)
+
+    p = subparsers.add_parser("quantize", help="write a bitsandbytes 4-bit or 8-bit checkpoint that transformers loads",
+                              description="Quantize the linear layers of the transformer blocks with bitsandbytes and "
+                              "save a Hugging Face folder (config.json carries the quantization_config). See "
+                              "docs/qlora.md.")
+    add_section_options(p, "quantize", QuantizeConfig)
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    o: MergeConfig = resolve_options(args)
+    merge(o.adapter, o.out, o.model, o.quantization)
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    o: QuantizeConfig = resolve_options(args)
+    quantize(o.model, o.out, o.bits, o.quant_type, o.double_quant)
+
+
+def merge(adapter: str, out: str, model_name: str | None, quantization: str = "auto") -> None:
+    """Base model + artifact (any method) -> one plain transformers folder.
+
+    A QLoRA adapter was trained against the quantized base, so by default (quantization auto: the
+    model.quantization of the run's config.yaml beside the adapter folder) the base is quantized the
+    same way, then dequantized to float and the update folded into that (docs/qlora.md)."""
+    from tunesmith.methods.registry import artifact_base_model, get_method, load_artifact
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    adapter_dir = Path(adapter)
+    if model_name is None:
+        model_name = artifact_base_model(adapter_dir)
+        if not model_name:
+            raise UserError(f"The artifact in {adapter!r} names no base model; pass --model.")
+    model_cfg = adapter_base_config(ModelConfig(name_or_path=model_name), adapter_dir, quantization)
+    model, tokenizer = load_model_and_tokenizer(model_cfg)
+    method = get_method(load_artifact(model, adapter_dir).name)
+    if method.merge is None:
+        raise UserError(f"{method.name} artifacts cannot be merged into the weights (the adapter is not a weight "
+                        "update); use the base model with --adapter instead.")
+    if model_cfg.quantization != "none":
+        from tunesmith.models.quantize import dequantize_model
+
+        log.info("dequantizing the base before merging")
+        dequantize_model(model, model.get_input_embeddings().weight.dtype)
+    merged = method.merge(model)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"merged model saved to {out}")
+
+
+def quantize(model_name: str, out: str, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> None:
+    """A bitsandbytes 4-bit (nf4/fp4) or 8-bit checkpoint that AutoModelForCausalLM.from_pretrained loads."""
+    from tunesmith.models.loading import load_model_and_tokenizer, resolve_device
+    from tunesmith.models.quantize import resolve_compute_dtype, save_quantized
+
+    quantization = "int8" if bits == 8 else quant_type
+    cfg = ModelConfig(name_or_path=model_name, quantization=quantization, double_quant=double_quant)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    save_quantized(model, tokenizer, out, quantization, double_quant, resolve_compute_dtype(cfg.compute_dtype, device))
+    print(f"{bits}-bit ({quantization}) model saved to {out}")

@@ -1,0 +1,30 @@
+"""`tunesmith data demo`: write the built-in demo task in the file format users bring."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="data utilities", description="Data utilities.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    d = data_sub.add_parser("demo", help="write the built-in demo task (train/validation/test JSONL)",
+                            description="Write the built-in demo task (seeded) as train/validation/test JSONL, in "
+                            "the same format users bring.")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    d.add_argument("--variant", choices=["easy", "hard"], default="easy", help="task difficulty (default easy)")
+    d.set_defaults(run=_run_demo_data)
+
+
+def _run_demo_data(args: argparse.Namespace) -> None:
+    paths = write_demo_data(Path(args.out), args.seed, args.variant)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+def write_demo_data(out: Path, seed: int = 0, variant: str = "easy") -> dict:
+    from tunesmith.data.demo import write_demo
+
+    return write_demo(out, seed=seed, variant=variant)

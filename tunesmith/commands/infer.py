@@ -1,0 +1,139 @@
+"""`tunesmith eval`, `generate` and `chat`: run a model, optionally with an adapter, on the base it was
+trained on (a QLoRA adapter gets its quantized base back; docs/qlora.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from tunesmith.commands.options import add_section_options, resolve_options
+from tunesmith.commands.train import OVERRIDES_HELP, config_keys_epilog, score_test_set
+from tunesmith.config import Config, GenerateConfig, ModelConfig, load_config
+from tunesmith.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="score a model (optionally with an adapter) on the test split",
+                              description="Score the test split (data.test) with the model, or with an adapter "
+                              "on it, and print the scores as JSON.",
+                              epilog=config_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config naming the model and data.test")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--adapter", help="adapter folder (PEFT format) to apply before scoring")
+    p.set_defaults(run=_run_eval)
+
+    for name, text, run in (("generate", "complete one prompt", _run_generate),
+                            ("chat", "talk to the model interactively", _run_chat)):
+        p = subparsers.add_parser(name, help=text, description=text)
+        add_section_options(p, name, GenerateConfig)
+        if name == "generate":
+            p.add_argument("prompt", help="the user message")
+        p.set_defaults(run=run)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    evaluate(load_config(args.config, args.overrides), args.adapter)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    o: GenerateConfig = resolve_options(args)
+    print(generate_one(o.model, o.adapter, args.prompt, o.max_new_tokens, o.system, o.quantization))
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    o: GenerateConfig = resolve_options(args)
+    chat(o.model, o.adapter, o.max_new_tokens, o.system, o.quantization)
+
+
+def evaluate(cfg: Config, adapter: str | None) -> dict:
+    """Score the test split with the base model, or with an artifact on it. A model.quantization the config
+    names is used as is; left unset, a QLoRA adapter gets the quantized base it was trained on."""
+    from tunesmith.methods.registry import load_artifact
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    if not cfg.data.test:
+        raise UserError("data.test is not set: name a test file to score (e.g. data.test=data/test.jsonl).")
+    explicit = "quantization" in cfg.model.model_fields_set
+    model_cfg = cfg.model if explicit or not adapter else adapter_base_config(cfg.model, Path(adapter))
+    model, tokenizer = load_model_and_tokenizer(model_cfg)
+    if adapter:
+        load_artifact(model, Path(adapter))
+    scores = score_test_set(model, tokenizer, cfg, "adapter" if adapter else "base")
+    print(json.dumps(scores, indent=2))
+    return scores
+
+
+def adapter_base_config(model: ModelConfig, adapter_dir: Path | None, quantization: str = "auto") -> ModelConfig:
+    """`model` with the quantization an artifact must run on. A QLoRA adapter was fitted to the quantized base,
+    and the float base is a different model to it (docs/qlora.md), so auto takes model.quantization (and
+    double_quant, compute_dtype) from the run's config.yaml beside the adapter folder, as `merge` does; an
+    artifact without one keeps `model` as it is. none, nf4, fp4, int8: that quantization, whatever the run used."""
+    if quantization == "auto":
+        quant = run_quantization(adapter_dir) if adapter_dir is not None else {}
+    else:
+        quant = {"quantization": quantization}
+    if quant.get("quantization", "none") != "none":
+        log.info("base quantized as in training: %s", ", ".join(f"{k}={v}" for k, v in quant.items()))
+    return ModelConfig(**{**model.model_dump(), **quant}) if quant else model
+
+
+def run_quantization(adapter_dir: Path) -> dict:
+    """model.quantization (and double_quant, compute_dtype) of the run whose config.yaml sits beside the
+    adapter folder (output.dir/adapter); {} when there is none."""
+    import yaml
+
+    path = adapter_dir.parent / "config.yaml"
+    try:
+        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    keys = ("quantization", "double_quant", "compute_dtype")
+    return {k: section[k] for k in keys if k in section} if section.get("quantization", "none") != "none" else {}
+
+
+def load_for_inference(model_name: str, adapter: str | None, quantization: str = "auto"):
+    """(model, tokenizer) for generate and chat: the base, quantized as the adapter's run was (see
+    adapter_base_config), with the artifact on it."""
+    from tunesmith.methods.registry import load_artifact
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    adapter_dir = Path(adapter) if adapter else None
+    model, tokenizer = load_model_and_tokenizer(adapter_base_config(ModelConfig(name_or_path=model_name), adapter_dir,
+                                                                    quantization))
+    if adapter_dir is not None:
+        load_artifact(model, adapter_dir)
+    return model, tokenizer
+
+
+def generate_one(model_name: str, adapter: str | None, prompt: str, max_new_tokens: int, system: str | None,
+                 quantization: str = "auto") -> str:
+    from tunesmith.evaluate.generate import generate, render_prompt
+
+    model, tokenizer = load_for_inference(model_name, adapter, quantization)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return generate(model, tokenizer, [render_prompt(tokenizer, messages)], max_new_tokens)[0]
+
+
+def chat(model_name: str, adapter: str | None, max_new_tokens: int, system: str | None,
+         quantization: str = "auto") -> None:
+    """A read-eval-print loop; the conversation so far is the prompt of each turn. Empty line or EOF quits."""
+    from tunesmith.evaluate.generate import generate, render_prompt
+
+    model, tokenizer = load_for_inference(model_name, adapter, quantization)
+    history = [{"role": "system", "content": system}] if system else []
+    print("tunesmith chat: type a message; an empty line or Ctrl-D quits.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        answer = generate(model, tokenizer, [render_prompt(tokenizer, history)], max_new_tokens)[0]
+        history.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}")
