@@ -132,7 +132,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int) -> float:
     """Token-mean loss on the held-out rows, by one function for every stack."""
     import torch
 
-    from tunesmith.train.loop import validation_loss
+    from tunesmith.train.validate import validation_loss
 
     model.eval()
     with torch.no_grad():

@@ -10,7 +10,8 @@ import pytest
 
 from tunesmith.cli import build_parser, main
 from tunesmith.commands.options import resolve_options
-from tunesmith.config import GenerateConfig, MergeConfig, QuantizeConfig
+from tunesmith.commands.artifacts import MergeConfig, QuantizeConfig
+from tunesmith.commands.infer import GenerateConfig
 
 FLAGS = {  # subcommand -> what its --help must list
     "train": ["config", "overrides", "train.max_steps", "method.target_modules"],

@@ -53,7 +53,8 @@ def test_real_model_adapter_matches_peft_and_learns(default_model, tmp_path):
     from tunesmith.data.demo import write_demo
     from tunesmith.methods.inject import apply_lora
     from tunesmith.methods.io import save_adapter
-    from tunesmith.train.loop import train, validation_loss
+    from tunesmith.train.loop import train
+    from tunesmith.train.validate import validation_loss
 
     base, tokenizer = default_model
     model = copy.deepcopy(base)

@@ -132,7 +132,7 @@ def _require_file(path: Path, what: str) -> None:
 
 def _unreadable(path: Path, what: str, e: Exception) -> UserError:
     return UserError(f"{str(path)!r} is corrupt or not a safetensors file ({_reason(e)}); it should hold {what}. "
-                     "Was it cut short by a full disk or an interrupted copy? Save or copy it again.")
+                     "Was it cut short by a full disk or an interrupted copy?")
 
 
 def read_safetensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -223,8 +223,9 @@ def load_state_strict(target: nn.Module | Mapping[str, torch.Tensor], tensors: M
                       path: str | Path, required: Collection[str] | None = None, what: str = "this model") -> None:
     """check_keys, then copy each tensor into its target (cast to the target's dtype).
 
-    `target`: a module (its parameters and buffers by name, see module_tensors) or a mapping from
-    the file's key names to the tensors they go into (for formats whose keys are not the module's)."""
+    `target`: a module (its parameters and buffers by name, see module_tensors; then pass `required`,
+    since non-persistent buffers are in no file) or a mapping from the file's key names to the tensors
+    they go into (for formats whose keys are not the module's). Nothing is copied unless all fits."""
     import torch
 
     own = module_tensors(target) if isinstance(target, torch.nn.Module) else target

@@ -5,13 +5,41 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Literal
 
-from tunesmith.commands.infer import adapter_base_config
+from pydantic import Field
+
+from tunesmith.commands.infer import BaseQuantization, adapter_base_config
 from tunesmith.commands.options import add_section_options, resolve_options
-from tunesmith.config import ModelConfig, MergeConfig, QuantizeConfig
+from tunesmith.config import DEFAULT_MODEL, ModelConfig, Section
 from tunesmith.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+# The options of merge and quantize, as flags or as the `merge:` / `quantize:` section of a --config file.
+class MergeConfig(Section):
+    """`tunesmith merge` (file section `merge:`)."""
+
+    adapter: str = Field(description="Adapter folder (PEFT format).")
+    out: str = Field(description="Output model folder.")
+    model: str | None = Field(None, description="Base model; unset: the adapter's base_model_name_or_path.")
+    quantization: BaseQuantization = Field(
+        "auto", description="QLoRA adapters: quantize the base as in training, then dequantize and merge. auto: "
+        "model.quantization of the run's config.yaml beside the adapter folder; none: the float base.",
+    )
+
+
+class QuantizeConfig(Section):
+    """`tunesmith quantize` (file section `quantize:`)."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model name, folder or .gguf.")
+    out: str = Field(description="Output model folder.")
+    bits: Literal[4, 8] = Field(4, description="4 (nf4 or fp4) or 8 (LLM.int8).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        True, description="4-bit: quantize the fp32 absmax scales too; false keeps them unquantized."
+    )
 
 
 def register(subparsers) -> None:

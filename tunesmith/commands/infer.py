@@ -7,13 +7,34 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from tunesmith.commands.options import add_section_options, resolve_options
 from tunesmith.commands.train import OVERRIDES_HELP, config_keys_epilog, score_test_set
-from tunesmith.config import Config, GenerateConfig, ModelConfig, load_config
+from tunesmith.config import DEFAULT_MODEL, Config, ModelConfig, Section, load_config
 from tunesmith.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+# The options of generate and chat, as flags or as the `generate:` / `chat:` section of a --config file
+# (commands/options.py turns the fields into both); a flag given on the command line wins over the file.
+BaseQuantization = Literal["auto", "none", "nf4", "fp4", "int8"]
+
+
+class GenerateConfig(Section):
+    """`tunesmith generate` and `tunesmith chat` (file sections `generate:` and `chat:`)."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model name, folder or .gguf.")
+    adapter: str | None = Field(None, description="Adapter folder (PEFT format) to apply.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget.")
+    system: str | None = Field(None, description="System prompt.")
+    quantization: BaseQuantization = Field(
+        "auto", description="Base quantization. auto: as in the adapter's run, from the config.yaml beside it; "
+        "none: the float base; nf4, fp4, int8: that one, whatever the run used.",
+    )
 
 
 def register(subparsers) -> None:

@@ -1,7 +1,8 @@
 """A command's options from its config section: flags, a `--config FILE` section, one validated object.
 
-The section's fields (config.py) are the single source: each field becomes a flag (`max_new_tokens`
--> `--max-new-tokens`) whose help is the field's description and default, and `--config FILE` reads
+Each command module types its own section (GenerateConfig in infer.py, MergeConfig in artifacts.py),
+and its fields are the single source: each field becomes a flag (`max_new_tokens` ->
+`--max-new-tokens`) whose help is the field's description and default, and `--config FILE` reads
 the section named after the command (`merge:`) from a YAML file. A value is taken from the flag when
 it is given, else from the file, else the field's default; then the section validates the whole.
 """

@@ -69,56 +69,24 @@ def prepare_run_dir(cfg: Config) -> Path:
 def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the summary written to summary.json and report.md.
 
-    Under torchrun (docs/distributed.md) every process runs this; rank 0 alone writes files."""
-    import torch
+        load model and data -> score the test set (before) -> apply the method -> the loop
+        -> save the artifact -> score the test set (after) -> summary.json, report.md
 
-    from tunesmith.data.dataset import prepare_datasets
-    from tunesmith.evaluate.report import plot_loss, write_report
-    from tunesmith.methods.inject import count_parameters
-    from tunesmith.methods.registry import describe_method, get_method
-    from tunesmith.models.loading import load_model_and_tokenizer, resolve_device
-    from tunesmith.objectives.registry import get_objective
+    Under torchrun (docs/distributed.md) every process runs this; rank 0 alone writes files."""
+    from tunesmith.methods.registry import describe_method
     from tunesmith.train import distributed
-    from tunesmith.train.loop import train as train_loop
-    from tunesmith.train.threads import set_cpu_threads
 
     if not cfg.data.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
-    if resolve_device(cfg.model.device).type == "cpu":
-        set_cpu_threads(cfg.train.threads)  # torch would size its pool by the host's cores (train/threads.py)
-    distributed.init(cfg.model.device)  # under torchrun: join the other processes (alone: nothing)
-    with distributed.main_first():  # rank 0 sets up output.dir and converts a built-in model once; then the others
-        run_dir = prepare_run_dir(cfg) if distributed.is_main() else Path(cfg.output.dir)
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
-    data = prepare_datasets(cfg.data, tokenizer, cfg.train.seed, cfg.objective.name)
-    objective = get_objective(data.objective)  # objective.name=auto is resolved by the data format now
-    log.info("data: %s", data.describe())
-
+    run_dir, model, tokenizer, data, objective = load_run(cfg)
     before = None
     if cfg.data.test and cfg.eval.before_after:
         before = cached_score(run_dir / "before.json", lambda: score_test_set(model, tokenizer, cfg, "before"))
         log.info("before fine-tuning: %s", _fmt(before))
-
-    method = get_method(cfg.method.name)
-    torch.manual_seed(cfg.train.seed)  # adapter initialisation is part of the run's seed
-    adapted = method.apply(model, cfg.method)
-    trainable, total = count_parameters(model)
-    log.info("%s on %d modules: %s trainable of %s parameters (%.2f%%)", cfg.method.name,
-             len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-
+    method, trainable, total = apply_method(model, cfg)
     started = time.time()
-    # The groups are built inside the loop: FSDP2 (full under torchrun) replaces the parameters first.
-    state = train_loop(model, data.train, data.validation, cfg, run_dir, tokenizer.pad_token_id,
-                       param_groups=lambda m: method.param_groups(m, cfg.method), after_step=method.after_step,
-                       objective=objective)
+    model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id)
     train_seconds = time.time() - started
-    if distributed.is_sharded(model):
-        del model  # FSDP2 left each process a shard of every weight; the artifact and scoring need whole ones
-        model = trained_model_from_checkpoint(cfg, method, run_dir)
-    if distributed.is_main():
-        method.save(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-
     after, examples = None, []
     if cfg.data.test:
         after, examples = score_test_set(model, tokenizer, cfg, "after", return_examples=3)
@@ -141,11 +109,66 @@ def train(cfg: Config) -> dict:
         "examples": examples,
     }
     if distributed.is_main():
+        from tunesmith.evaluate.report import write_report
+
         atomic_write_json(run_dir / "summary.json", summary)
-        report = write_report(run_dir, summary)
-        log.info("report: %s\nadapter: %s", report, run_dir / "adapter")
+        log.info("report: %s\nadapter: %s", write_report(run_dir, summary), run_dir / "adapter")
     distributed.shutdown()
     return summary
+
+
+def load_run(cfg: Config):
+    """(run_dir, model, tokenizer, encoded data, objective): everything the run starts from."""
+    from tunesmith.data.dataset import prepare_datasets
+    from tunesmith.models.loading import load_model_and_tokenizer, resolve_device
+    from tunesmith.objectives.registry import get_objective
+    from tunesmith.train import distributed
+    from tunesmith.train.threads import set_cpu_threads
+
+    if resolve_device(cfg.model.device).type == "cpu":
+        set_cpu_threads(cfg.train.threads)  # torch would size its pool by the host's cores (train/threads.py)
+    distributed.init(cfg.model.device)  # under torchrun: join the other processes (alone: nothing)
+    with distributed.main_first():  # rank 0 sets up output.dir and converts a built-in model once; then the others
+        run_dir = prepare_run_dir(cfg) if distributed.is_main() else Path(cfg.output.dir)
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    data = prepare_datasets(cfg.data, tokenizer, cfg.train.seed, cfg.objective.name)
+    log.info("data: %s", data.describe())
+    return run_dir, model, tokenizer, data, get_objective(data.objective)  # auto is resolved by the format now
+
+
+def apply_method(model, cfg: Config):
+    """(method, trainable, total parameters) after applying method.name, initialised from train.seed."""
+    import torch
+
+    from tunesmith.methods.inject import count_parameters
+    from tunesmith.methods.registry import get_method
+
+    method = get_method(cfg.method.name)
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation is part of the run's seed
+    adapted = method.apply(model, cfg.method)
+    trainable, total = count_parameters(model)
+    log.info("%s on %d modules: %s trainable of %s parameters (%.2f%%)", cfg.method.name,
+             len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return method, trainable, total
+
+
+def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id: int):
+    """Run the loop; save the artifact and the loss plot. Returns (a whole trained model, the final state)."""
+    from tunesmith.evaluate.report import plot_loss
+    from tunesmith.train import distributed
+    from tunesmith.train.loop import train as train_loop
+
+    # The groups are built inside the loop: FSDP2 (full under torchrun) replaces the parameters first.
+    state = train_loop(model, data.train, data.validation, cfg, run_dir, pad_id,
+                       param_groups=lambda m: method.param_groups(m, cfg.method), after_step=method.after_step,
+                       objective=objective)
+    if distributed.is_sharded(model):
+        del model  # FSDP2 left each process a shard of every weight; the artifact and scoring need whole ones
+        model = trained_model_from_checkpoint(cfg, method, run_dir)
+    if distributed.is_main():
+        method.save(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    return model, state
 
 
 def trained_model_from_checkpoint(cfg: Config, method, run_dir: Path):

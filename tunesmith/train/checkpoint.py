@@ -193,7 +193,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def copy_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor], source: Path) -> None:
     """Copy a checkpoint's tensors into the model (each process's shard of them under FSDP2)."""
     params = checkpoint_tensors(model)  # under FSDP2 DTensors, whose .shape is the whole tensor's
-    check_keys(params, trainable, source, what="the model's trainable weights (was it written with another config?)")
+    check_keys(params, trainable, source, what="the model's trainable weights")
     with torch.no_grad():
         for name, tensor in trainable.items():
             params[name].copy_(distributed.shard_like(params[name], tensor))
