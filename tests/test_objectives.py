@@ -40,6 +40,13 @@ def test_registry_lists_objectives_and_auto_follows_the_format():
         get_objective("dpo-typo")
 
 
+def test_every_objective_is_documented():
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "objectives.md").read_text()
+    assert all(f"| `{name}` |" in page for name in OBJECTIVES)
+
+
 def test_causal_lm_on_chat_data_trains_the_prompt_too(tmp_path):
     path = write_jsonl(tmp_path / "chats.jsonl", chats(6))
     tok = build_tiny_tokenizer()
@@ -199,3 +206,11 @@ def test_fault_hooks_are_read_from_the_environment_once():
     armed = faults.Faults.from_env({"TUNESMITH_TEST_KILL_IN_STEP": "8:1", "TUNESMITH_TEST_PAUSE_IN_SAVE": "4:0.5"})
     assert armed.kill_in_step == (8, 1) and armed.pause_in_save == (4, 0.5) and armed.armed
     assert not faults.Faults.from_env({}).armed
+
+
+def test_metrics_reader_skips_a_line_cut_short_by_a_kill(tmp_path):
+    from tunesmith.evaluate.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo', encoding="utf-8")
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]

@@ -61,8 +61,8 @@ class ModelConfig(Section):
 class MethodConfig(Section):
     name: str = Field(
         "lora",
-        description=f"Adaptation method, one of {', '.join(METHODS)} (tunesmith/methods/registry.py; `tunesmith "
-        "train --help` says what each does; docs/methods/ has the math and a side-by-side run).",
+        description=f"Adaptation method, one of {', '.join(METHODS)} (docs/methods/ has each one's math, options "
+        "and a side-by-side run).",
     )
     r: int = Field(16, ge=1, description="LoRA rank: the inner dimension of B A (VeRA: of its shared projections).")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (alpha/r) B A x.")
@@ -153,8 +153,8 @@ class DataConfig(Section):
 
 class ObjectiveConfig(Section):
     name: str = Field(
-        "auto", description=f"What is trained: auto, {', '.join(OBJECTIVES)} (tunesmith/objectives/; `tunesmith train "
-        "--help` says what each does). auto picks by the data format: "
+        "auto", description=f"What is learned: auto, {', '.join(OBJECTIVES)} (docs/objectives.md: sft learns the "
+        "answers of instruction data, causal_lm every token). auto picks by the data format: "
         + ", ".join(f"{fmt} -> {name}" for fmt, name in AUTO_BY_FORMAT.items()) + ".",
     )
 

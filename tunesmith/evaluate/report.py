@@ -9,9 +9,16 @@ from tunesmith.files import atomic_write, atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short by a kill mid-write is left out, not a crash."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
