@@ -51,9 +51,10 @@ unexpected=$(printf '%s\n' "$checks" | grep -vE "^($NO_DEPS_PACKAGES) |^No broke
 [ -z "$unexpected" ] || fail "pip check in $VENV: $unexpected"
 echo "pip check: consistent (apart from the --no-deps model packages)"
 
-# Small on purpose (this runs in every `make test`): 2 steps of 2 rows, 2 test rows scored after training
-# only, a budget of 32 tokens (enough for the demo task's JSON answer).
-OVERRIDES=(data.train="$W/data/train.jsonl" data.validation="$W/data/validation.jsonl"
+# Small on purpose (this runs in every `make test`): 2 steps of 2 rows, a validation loss over 8 rows (at
+# the last step), 2 test rows scored after training only, with a budget of 32 tokens (enough for the demo
+# task's JSON answer).
+OVERRIDES=(data.train="$W/data/train.jsonl" data.validation="$W/data/validation-8.jsonl"
            data.test="$W/data/test.jsonl" train.max_steps=2 train.batch_size=2
            eval.before_after=false eval.max_samples=2 eval.max_new_tokens=32)
 
@@ -62,6 +63,7 @@ run_step "tunesmith data demo"
 for split in train validation test; do
     [ -s "$W/data/$split.jsonl" ] || fail "tunesmith data demo wrote no $W/data/$split.jsonl"
 done
+head -n 8 "$W/data/validation.jsonl" > "$W/data/validation-8.jsonl"
 
 run_step "tunesmith train: 2 LoRA steps, the built-in model converted from GGUF into the empty cache"
 "$TS" train "$CONFIG" "${OVERRIDES[@]}" output.dir="$W/run"

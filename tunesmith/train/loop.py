@@ -272,7 +272,8 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
                                         setup.pack_len)
                 metrics.write({"step": state.step, **scores})
                 if distributed.is_main():
-                    bar.write(f"step {state.step}: validation " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in scores.items()))
+                    shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in scores.items())
+                    bar.write(f"step {state.step}: validation {shown}")
             if (t.save_every and state.step % t.save_every == 0) or last:
                 save_checkpoint(run_dir, state, trainable_state(model), optimizer, cfg.to_dict(), t.keep_checkpoints)
             faults.after_step(state.step, distributed.rank())
@@ -288,7 +289,7 @@ def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective,
     step = state.step  # 0-based index of this step; state.step counts the steps done
     window = source.window(step)
     if objective.rollout is not None:
-        window = objective.rollout(setup.runner, window, step, rollout_generator(t.seed, step))
+        window = objective.rollout(setup.model, window, step, rollout_generator(t.seed, step))
     result = train_step(setup.runner, optimizer, window, t.max_grad_norm, faults.in_window(setup.loss_fn, step + 1),
                         objective)
     # loss and grad_norm are global (summed or combined over processes): every process decides alike
