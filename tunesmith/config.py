@@ -118,7 +118,7 @@ class DataConfig(Section):
     train: str | None = Field(None, description="Training file (.jsonl, .json, .csv, .parquet).")
     validation: str | None = Field(None, description="Validation file; if unset, val_split of train is held out.")
     test: str | None = Field(None, description="Test file for the before/after task evaluation.")
-    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages"] = Field(
+    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages", "preference", "unpaired"] = Field(
         "auto", description="Row format; auto detects it from the fields of the first row."
     )
     max_seq_len: int = Field(512, ge=8, description="Longer sequences are truncated (and counted).")
@@ -157,6 +157,46 @@ class ObjectiveConfig(Section):
         "answers of instruction data, causal_lm every token). auto picks by the data format: "
         + ", ".join(f"{fmt} -> {name}" for fmt, name in AUTO_BY_FORMAT.items()) + ".",
     )
+
+    beta: float | None = Field(
+        None, gt=0, description="The preference objectives' beta; unset: the objective's default. dpo (0.1): the "
+        "pull towards the reference model, the reward of an answer is beta * (log pi(y|x) - log pi_ref(y|x)); "
+        "orpo (0.1): lambda, the weight of the odds-ratio term; simpo (2.0): the reward scale.",
+    )
+    gamma: float | None = Field(
+        None, ge=0, description="simpo: the target reward margin of the paper's Eq. 6 (TRL's simpo_gamma); set it "
+        "or gamma_beta_ratio, not both; neither: gamma_beta_ratio 0.5.",
+    )
+    gamma_beta_ratio: float | None = Field(
+        None, ge=0, description="simpo: the margin as gamma / beta (the SimPO authors' own configs use this scale).",
+    )
+    loss: Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo (squared loss towards 1/(2 beta)), cdpo (DPO with "
+        "label_smoothing as the share of flipped labels), robust (unbiased under flipped labels), hinge (SLiC). "
+        "docs/alignment.md has each formula.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo with loss cdpo or robust, and simpo: the assumed share of pairs whose "
+        "labels are flipped.",
+    )
+    reference: Literal["auto", "adapters_off", "precomputed"] = Field(
+        "auto", description="dpo's reference model: adapters_off (the same weights with the method switched off, "
+        "one more forward per step, no second copy); precomputed (the base model's log-probabilities of every "
+        "pair, computed once before training and kept in output.dir); auto: adapters_off where the method can "
+        "be switched off, else precomputed (full, freeze).",
+    )
+    ipo_length_normalise: bool = Field(
+        True, description="dpo with loss ipo: divide each answer's log-ratio by its token count first (TRL's "
+        "choice); false: summed log-ratios (OpenRLHF's, and the paper read literally). docs/alignment.md.",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self) -> "ObjectiveConfig":
+        if self.gamma is not None and self.gamma_beta_ratio is not None:
+            raise ValueError("objective.gamma and objective.gamma_beta_ratio set the same margin; set one of them")
+        if self.label_smoothing and self.name == "dpo" and self.loss not in ("cdpo", "robust"):
+            raise ValueError(f"objective.label_smoothing applies to loss cdpo or robust, not to {self.loss}")
+        return self
 
     @field_validator("name")
     @classmethod

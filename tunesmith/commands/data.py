@@ -11,7 +11,8 @@ def register(subparsers) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     d = data_sub.add_parser("demo", help="write the built-in demo task (train/validation/test JSONL)",
                             description="Write the built-in demo task (seeded) as train/validation/test JSONL, in "
-                            "the same format users bring.")
+                            "the same format users bring, and the same rows as preference pairs "
+                            "(preference_*.jsonl) and unpaired rows (unpaired_*.jsonl).")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     d.add_argument("--variant", choices=["easy", "hard"], default="easy", help="task difficulty (default easy)")

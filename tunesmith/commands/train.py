@@ -83,7 +83,12 @@ def train(cfg: Config) -> dict:
     if cfg.data.test and cfg.eval.before_after:
         before = cached_score(run_dir / "before.json", lambda: score_test_set(model, tokenizer, cfg, "before"))
         log.info("before fine-tuning: %s", _fmt(before))
+    if objective.prepare is not None:  # on the base model, before the method changes it
+        from tunesmith.methods.registry import get_method
+
+        objective.prepare(model, data, cfg, run_dir, tokenizer.pad_token_id, get_method(cfg.method.name))
     method, trainable, total = apply_method(model, cfg)
+    objective = objective.configured(cfg.objective, method)  # e.g. DPO's reference: the method switched off
     started = time.time()
     model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id)
     train_seconds = time.time() - started

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 KEEP = 20  # cache entries kept; older ones are deleted
 # The modules whose code decides the examples: a change to any of them is a new key.
-DATA_CODE = ("data/readers.py", "data/formats.py", "data/tokenize.py", "data/dataset.py", "objectives/*.py")
+DATA_CODE = ("data/readers.py", "data/formats.py", "data/tokenize.py", "data/preference.py", "data/dataset.py",
+             "objectives/*.py")
 
 
 def cache_dir() -> Path:

@@ -14,6 +14,16 @@ prose or a code fence; a few minutes of LoRA on a CPU teaches it the exact form.
 
 The `hard` variant adds nested objects, lists, optional values (null when the text does not
 say) and dates to normalise, for comparing methods on a task that is not solved in minutes.
+
+For preference objectives the same rows come as pairs ({"prompt", "chosen", "rejected"}, in
+TRL's conversational form) and as unpaired rows ({"prompt", "completion", "label"}, about half of
+them true). The right answer is the canonical one; a wrong one is a plausible mistake of one of
+four kinds, drawn by a generator seeded apart from the rows' (so the SFT files do not change):
+
+    wrong_value    {"name": "Priya", "age": 43, "city": "Lyon"}        one value changed
+    missing_field  {"name": "Priya", "city": "Lyon"}                   one field left out
+    prose          Here is the JSON:\\n{"name": "Priya", ...}          the answer wrapped in words
+    truncated      {"name": "Priya", "age": 3                          cut short
 """
 
 from __future__ import annotations
@@ -150,7 +160,8 @@ def demo_rows(n: int, seed: int = 0, variant: str = "easy") -> list[dict]:
 
 def write_demo(out_dir: str | Path, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 100,
                variant: str = "easy") -> dict[str, Path]:
-    """Write train/validation/test .jsonl files (no prompt in two of them); returns split -> path."""
+    """Write train/validation/test .jsonl files (no prompt in two of them), the same rows as preference pairs
+    (preference_<split>.jsonl) and as unpaired rows (unpaired_train, unpaired_validation); returns name -> path."""
     rows = demo_rows(n_train + n_validation + n_test, seed, variant)
     bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_validation),
               "test": (n_train + n_validation, len(rows))}
@@ -160,7 +171,96 @@ def write_demo(out_dir: str | Path, seed: int = 0, n_train: int = 800, n_validat
     for split, (a, b) in bounds.items():
         paths[split] = out / f"{split}.jsonl"
         atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in rows[a:b]))
+    rng = random.Random(f"mistakes-{seed}")  # a stream of its own: the rows above stay as they were
+    for split, (a, b) in bounds.items():
+        paths[f"preference_{split}"] = out / f"preference_{split}.jsonl"
+        pairs = [preference_row(r, rng) for r in rows[a:b]]
+        atomic_write_text(paths[f"preference_{split}"], "".join(json.dumps(r) + "\n" for r in pairs))
+    for split in ("train", "validation"):
+        a, b = bounds[split]
+        paths[f"unpaired_{split}"] = out / f"unpaired_{split}.jsonl"
+        unpaired = unpaired_rows(rows[a:b], rng)
+        atomic_write_text(paths[f"unpaired_{split}"], "".join(json.dumps(r) + "\n" for r in unpaired))
     return paths
+
+
+# --- preference pairs and unpaired rows: the right answer and plausible mistakes ---------------------
+
+MISTAKES = ("wrong_value", "missing_field", "prose", "truncated")
+PROSE = ["Here is the JSON:\n{}", "Sure! {}", "```json\n{}\n```", "{}\nLet me know if you need anything else.",
+         "The extracted data is {}."]
+POOLS = [NAMES, CITIES, sorted(set(COUNTRIES.values())), PRODUCTS, EVENTS, VENUES]
+
+
+def preference_row(row: dict, rng: random.Random) -> dict:
+    """A demo conversation as a pair: the right answer chosen, a plausible mistake rejected."""
+    answer = reference_answer(row)
+    return {"prompt": prompt_messages(row), "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": mistake(answer, rng)}]}
+
+
+def unpaired_rows(rows: list[dict], rng: random.Random) -> list[dict]:
+    """Each conversation once, half of them (shuffled) with the right answer labelled true, the rest with a
+    mistake labelled false."""
+    labels = [True] * (len(rows) - len(rows) // 2) + [False] * (len(rows) // 2)
+    rng.shuffle(labels)
+    out = []
+    for row, label in zip(rows, labels):
+        answer = reference_answer(row)
+        out.append({"prompt": prompt_messages(row),
+                    "completion": [{"role": "assistant", "content": answer if label else mistake(answer, rng)}],
+                    "label": label})
+    return out
+
+
+def mistake(answer: str, rng: random.Random, kind: str | None = None) -> str:
+    """A wrong answer of `kind` (drawn from MISTAKES if None) that a model could plausibly give; never `answer`."""
+    kind = kind or rng.choice(MISTAKES)
+    record = json.loads(answer)
+    if kind == "wrong_value":
+        path = rng.choice(value_paths(record))
+        parent = record
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = wrong(parent[path[-1]], rng)
+        return canonical(record)
+    if kind == "missing_field":
+        del record[rng.choice(list(record))]
+        return canonical(record)
+    if kind == "prose":
+        return rng.choice(PROSE).format(answer)
+    if kind == "truncated":
+        return answer[: rng.randint(len(answer) // 3, len(answer) - 1)].rstrip()
+    raise ValueError(f"unknown mistake kind {kind!r}")
+
+
+def value_paths(value: Any, path: tuple = ()) -> list[tuple]:
+    """The key/index path of every leaf that is not null ("null if not stated" stays right)."""
+    if isinstance(value, dict):
+        return [p for key, child in value.items() for p in value_paths(child, path + (key,))]
+    if isinstance(value, list):
+        return [p for i, child in enumerate(value) for p in value_paths(child, path + (i,))]
+    return [] if value is None else [path]
+
+
+def wrong(value: Any, rng: random.Random) -> Any:
+    """A different value of the same kind: another name or city, a nearby number, a changed digit."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        step = rng.choice([-10, -2, -1, 1, 2, 10])
+        return value + step if value + step > 0 else value + abs(step)
+    if isinstance(value, float):
+        cents = round(value * 100) + rng.choice([-100, -9, 9, 100])
+        return (cents if cents > 0 else cents + 200) / 100
+    for pool in POOLS:
+        if value in pool:
+            return rng.choice([v for v in pool if v != value])
+    digits = [i for i, c in enumerate(value) if c.isdigit()]
+    if digits:
+        i = rng.choice(digits)
+        return value[:i] + rng.choice([d for d in "0123456789" if d != value[i]]) + value[i + 1 :]
+    return value + "s"
 
 
 # --- what the evaluator needs --------------------------------------------------------------------

@@ -1,9 +1,15 @@
-"""The four row formats, how one is recognised, and what makes a row valid.
+"""The row formats, how one is recognised, and what makes a row valid.
 
     text               {"text": "..."}                                    every token is trained on
     alpaca             {"instruction", "input" (optional), "output"}      the output is trained on
     prompt_completion  {"prompt", "completion"}                           the completion is trained on
     messages           {"messages": [{"role", "content"}, ...]}           every assistant turn is trained on
+    preference         {"prompt", "chosen", "rejected"}                   a better and a worse answer (DPO ...)
+    unpaired           {"prompt", "completion", "label": true|false}      one answer, good or bad (KTO)
+
+In the last two, the prompt is a string (one user message) or a conversation ending with a user
+message, and each answer a string or, as in TRL's conversational format, a list holding the one
+assistant message: {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}], ...}.
 
 Rows are checked before any tokenizer or model is touched, so a typo on line 7 costs a second,
 not a model load. The check reports up to MAX_PROBLEMS problems at once: fixing a file one
@@ -24,13 +30,16 @@ FORMATS = {
     "alpaca": "instruction, input (optional), output",
     "prompt_completion": "prompt, completion",
     "messages": "messages: [{role, content}, ...]",
+    "preference": "prompt, chosen, rejected (strings or message lists)",
+    "unpaired": "prompt, completion, label (true or false)",
 }
 ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS = 5
 
 
 def detect_format(rows: list[Row], path: str | Path) -> str:
-    """The format whose fields the first row has; messages wins over alpaca over prompt_completion over text."""
+    """The format whose fields the first row has; messages wins over alpaca over preference and unpaired over
+    prompt_completion over text."""
     if not rows:
         raise UserError(f"{path}: no rows, so the data format cannot be detected.")
     fields = rows[0].fields
@@ -38,6 +47,10 @@ def detect_format(rows: list[Row], path: str | Path) -> str:
         return "messages"
     if "instruction" in fields and "output" in fields:
         return "alpaca"
+    if "prompt" in fields and "chosen" in fields and "rejected" in fields:
+        return "preference"
+    if "prompt" in fields and "completion" in fields and "label" in fields:
+        return "unpaired"
     if "prompt" in fields and "completion" in fields:
         return "prompt_completion"
     if "text" in fields:
@@ -121,8 +134,77 @@ def check_messages(fields: dict) -> list[str]:
     return problems
 
 
-def _check_message(i: int, message: Any) -> list[str]:
-    where = f"messages[{i}]"
+def check_preference(fields: dict) -> list[str]:
+    """A prompt and two answers; answers that are the same text teach no preference."""
+    problems = _prompt(fields) + _answer(fields, "chosen") + _answer(fields, "rejected")
+    if not problems and answer_text(fields["chosen"]) == answer_text(fields["rejected"]):
+        problems.append('fields "chosen" and "rejected" are the same answer, so there is no preference to learn')
+    return problems
+
+
+def check_unpaired(fields: dict) -> list[str]:
+    return _prompt(fields) + _answer(fields, "completion") + _boolean(fields, "label")
+
+
+def answer_text(value: str | list[dict]) -> str:
+    """A validated answer field (a string, or a list holding the assistant message) as its text."""
+    return value if isinstance(value, str) else value[0]["content"]
+
+
+def _prompt(fields: dict) -> list[str]:
+    """A non-empty string, or a conversation that ends with the user message to answer."""
+    messages = fields.get("prompt")
+    if not isinstance(messages, list):
+        return _string_or_list(fields, "prompt")
+    if not messages:
+        return ['field "prompt" must be a non-empty string or a non-empty list of {role, content} messages (got [])']
+    problems = [p for i, message in enumerate(messages) for p in _check_message(i, message, "prompt")]
+    if problems:
+        return problems
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        problems.append(f'prompt[{roles.index("system", 1)}]: a system message may only come first')
+    if roles[-1] != "user":
+        problems.append(f'prompt: the last message must be the user message to answer (got role "{roles[-1]}")')
+    return problems
+
+
+def _answer(fields: dict, name: str) -> list[str]:
+    """A non-empty string, or a list holding exactly one assistant message (the conversation is in "prompt")."""
+    messages = fields.get(name)
+    if not isinstance(messages, list):
+        return _string_or_list(fields, name)
+    problems = [p for i, message in enumerate(messages) for p in _check_message(i, message, name)]
+    if problems:
+        return problems
+    roles = [m["role"] for m in messages]
+    for i, role in enumerate(roles):
+        if role != "assistant":
+            return [f'{name}[{i}]: a {role} message; "{name}" holds only the answer (earlier turns go in "prompt")']
+    if len(roles) != 1:
+        return [f'field "{name}" must hold exactly one assistant message, the answer (got {len(roles)})']
+    return []
+
+
+def _string_or_list(fields: dict, name: str) -> list[str]:
+    if name not in fields or fields[name] is None or isinstance(fields[name], str):
+        return _string(fields, name)
+    return [f'field "{name}" must be a non-empty string or a list of {{role, content}} messages '
+            f"(got {shown(fields[name])})"]
+
+
+def _boolean(fields: dict, name: str) -> list[str]:
+    if name not in fields or fields[name] is None:
+        return [f'missing field "{name}"']
+    value = fields[name]
+    if isinstance(value, bool):
+        return []
+    hint = " (a string: CSV cells always are, so use .jsonl or .parquet)" if isinstance(value, str) else ""
+    return [f'field "{name}" must be true or false (got {shown(value)}){hint}']
+
+
+def _check_message(i: int, message: Any, field: str = "messages") -> list[str]:
+    where = f"{field}[{i}]"
     if not isinstance(message, dict):
         return [f"{where} must be an object with role and content (got {shown(message)})"]
     role = message.get("role")
@@ -141,4 +223,6 @@ CHECKS: dict[str, Callable[[dict], list[str]]] = {
     "alpaca": check_alpaca,
     "prompt_completion": check_prompt_completion,
     "messages": check_messages,
+    "preference": check_preference,
+    "unpaired": check_unpaired,
 }

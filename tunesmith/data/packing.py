@@ -39,14 +39,18 @@ def plan_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[dict], pad_id: int, row_len: int) -> dict[str, torch.Tensor]:
-    """(R, T) input_ids, labels and position_ids for the examples packed into R rows; no attention mask."""
+def collate_packed(examples: list[dict], pad_id: int, row_len: int,
+                   sequence_ids: bool = False) -> dict[str, torch.Tensor]:
+    """(R, T) input_ids, labels and position_ids for the examples packed into R rows; no attention mask.
+    With `sequence_ids`, also (R, T) "sequence_ids": the index in `examples` of the sample each token
+    belongs to (-1 for padding), so a loss can sum per sample (objectives/preference.py)."""
     lengths = [len(e["input_ids"]) for e in examples]
     plan = plan_rows(lengths, max(row_len, max(lengths)))
     width = max(sum(lengths[i] for i in row) for row in plan)
     input_ids = torch.full((len(plan), width), pad_id, dtype=torch.long)  # (R, T)
     labels = torch.full((len(plan), width), IGNORE, dtype=torch.long)  # (R, T)
     position_ids = torch.zeros((len(plan), width), dtype=torch.long)  # (R, T)
+    owner = torch.full((len(plan), width), -1, dtype=torch.long)  # (R, T)
     for r, row in enumerate(plan):
         start = 0
         for i in row:
@@ -54,7 +58,9 @@ def collate_packed(examples: list[dict], pad_id: int, row_len: int) -> dict[str,
             input_ids[r, start : start + n] = torch.tensor(examples[i]["input_ids"])
             labels[r, start + 1 : start + n] = torch.tensor(examples[i]["labels"][1:])
             position_ids[r, start : start + n] = torch.arange(n)
+            owner[r, start : start + n] = i
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the padding is a sample of its own
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "real_tokens": torch.tensor(sum(lengths))}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "real_tokens": torch.tensor(sum(lengths))}
+    return {**batch, "sequence_ids": owner} if sequence_ids else batch

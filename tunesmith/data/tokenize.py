@@ -28,7 +28,10 @@ IGNORE = -100  # the label cross-entropy skips
 
 
 def to_messages(fields: dict[str, Any], fmt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """A validated instruction row as a chat conversation, with `system_prompt` added if it has no system turn."""
+    """A validated instruction row as a chat conversation, with `system_prompt` added if it has no system turn.
+
+    A preference row becomes its prompt and the chosen answer; an unpaired row its prompt and its
+    completion, whatever its label."""
     if fmt == "messages":
         messages = [{"role": m["role"], "content": m["content"]} for m in fields["messages"]]
     elif fmt == "alpaca":
@@ -39,11 +42,21 @@ def to_messages(fields: dict[str, Any], fmt: str, system_prompt: str | None = No
             {"role": "user", "content": fields["prompt"]},
             {"role": "assistant", "content": fields["completion"]},
         ]
+    elif fmt in ("preference", "unpaired"):
+        answer = fields["chosen" if fmt == "preference" else "completion"]
+        messages = as_messages(fields["prompt"], "user") + as_messages(answer, "assistant")
     else:
         raise UserError(f"The {fmt} format has no prompts and answers, so it cannot be turned into a conversation.")
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def as_messages(value: str | list[dict], role: str) -> list[dict[str, str]]:
+    """A prompt or answer field: a string is one message from `role`, a list is already messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def encode_row(
@@ -108,15 +121,21 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer, text: str) -> lis
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
-        if not (text.startswith(before) and text.startswith(through) and len(before) < len(through)):
-            raise UserError(
-                "The chat template's turn boundaries cannot be found: rendering the conversation up to "
-                f"assistant message {i} is not a prefix of rendering all of it (the template rewrites earlier "
-                "turns). Use data.train_on_prompt=true, the text format, or a model with a simpler template."
-            )
-        # Keep the end-of-turn token but not the newline templates put between turns.
-        spans.append((len(before), len(through.rstrip())))
+        fix = "Use data.train_on_prompt=true, the text format, or a model with a simpler template."
+        spans.append(answer_span(text, before, through, f"assistant message {i}", fix))
     return spans
+
+
+def answer_span(text: str, before: str, through: str, which: str, fix: str) -> tuple[int, int]:
+    """[start, end) of an answer and its end-of-turn marker in `text`, from two renderings that must be prefixes of
+    it: `before`, the conversation up to the answer with the generation prompt, and `through`, up to its end."""
+    if not (text.startswith(before) and text.startswith(through) and len(before) < len(through)):
+        raise UserError(
+            "The chat template's turn boundaries cannot be found: rendering the conversation up to "
+            f"{which} is not a prefix of rendering all of it (the template rewrites earlier turns). {fix}"
+        )
+    # Keep the end-of-turn token but not the newline templates put between turns.
+    return len(before), len(through.rstrip())
 
 
 def tokenize_with_starts(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

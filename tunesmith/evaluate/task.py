@@ -10,7 +10,8 @@ from tunesmith.errors import UserError
 
 
 def test_cases(cfg: DataConfig) -> list[tuple[list[dict], str]]:
-    """Every test row split into the conversation before its last answer, and that answer."""
+    """Every test row split into the conversation before its last answer, and that answer: for preference rows
+    the chosen one; unpaired rows count only where their label is true."""
     rows = read_rows(cfg.test)
     fmt = detect_format(rows, cfg.test) if cfg.format == "auto" else cfg.format
     if fmt == "text":
@@ -18,6 +19,8 @@ def test_cases(cfg: DataConfig) -> list[tuple[list[dict], str]]:
     validate_rows(rows, fmt, cfg.test)
     cases = []
     for row in rows:
+        if fmt == "unpaired" and not row.fields["label"]:
+            continue  # a bad answer is no reference
         messages = to_messages(row.fields, fmt, cfg.system_prompt)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         cases.append((messages[:last], messages[last]["content"]))

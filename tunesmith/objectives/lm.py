@@ -26,8 +26,9 @@ IGNORE = -100
 HEAD_CHUNK = 2048  # labelled positions per head/cross-entropy chunk
 
 
-def next_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(sum of token cross-entropies, labelled tokens, labelled tokens predicted right by argmax)."""
+def labelled_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states (N, H), targets (N,), keep (B, T-1)): the trunk's hidden states at the N positions whose next
+    token carries a label, and those labels. Only these positions ever reach the output head."""
     # A packed batch has position_ids and no attention mask (see tunesmith/data/packing.py); a KV
     # cache would make transformers ignore the packing, and training needs none. Where the sample
     # starts are passed on, tunesmith/models/attention.py attends per sample (other attention
@@ -45,18 +46,26 @@ def next_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
         **packed,
     ).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
-    hidden = hidden[:, :-1]  # (B, T-1, H)
-    keep = labels != IGNORE
-    targets = labels[keep]  # (N,)
-    states = hidden[keep]  # (N, H): only positions that carry a label
+    keep = labels != IGNORE  # (B, T-1)
+    return hidden[:, :-1][keep], labels[keep], keep
+
+
+def head_chunks(model, states: torch.Tensor, targets: torch.Tensor):
+    """(logits (chunk, V) in float32, targets (chunk,), start) for HEAD_CHUNK labelled positions at a time.
+
+    At least one (possibly empty) chunk: a batch without labels then still reaches the head and
+    every weight with a zero gradient, as DDP expects of every process (see train/loop.py)."""
     head = model.get_output_embeddings()
-    total = hidden.new_zeros(())
-    correct = torch.zeros((), dtype=torch.long)
-    # At least one (possibly empty) chunk: a batch without labels then still reaches the head and
-    # every weight with a zero gradient, as DDP expects of every process (see train/loop.py).
     for start in range(0, max(1, targets.numel()), HEAD_CHUNK):
-        chunk = targets[start : start + HEAD_CHUNK]
-        logits = head(states[start : start + HEAD_CHUNK]).float()  # (chunk, V)
+        yield head(states[start : start + HEAD_CHUNK]).float(), targets[start : start + HEAD_CHUNK], start
+
+
+def next_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(sum of token cross-entropies, labelled tokens, labelled tokens predicted right by argmax)."""
+    states, targets, _ = labelled_states(model, batch)
+    total = states.new_zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    for logits, chunk, _ in head_chunks(model, states, targets):
         total = total + F.cross_entropy(logits, chunk, reduction="sum")
         correct += (logits.detach().argmax(-1) == chunk).sum().cpu()
     return total, int(targets.numel()), correct

@@ -21,6 +21,10 @@ The data pipeline and the loop know no objective by name. An objective says:
                                   RL). `generator` is seeded from (train.seed, step), so a resumed
                                   run samples exactly what the uninterrupted one did
     score(model, examples, ...)   held-out scoring: {"val_loss": ..., "val_<metric>": ...}
+    configure(cfg, method)        optional: the objective with objective.* options and the method's
+                                  `disable` (the reference model of DPO and its relatives) bound in
+    prepare(model, data, ...)     optional: runs once on the base model before the method is applied
+                                  (DPO's precomputed reference log-probabilities)
 
 Adding an objective is one file that defines `OBJECTIVE = Objective(...)` and one line in
 OBJECTIVES below (name -> module); objective.name accepts it from then on. `auto` picks one by the
@@ -39,10 +43,14 @@ from tunesmith.errors import UserError
 OBJECTIVES: dict[str, str] = {
     "sft": "tunesmith.objectives.sft",
     "causal_lm": "tunesmith.objectives.causal_lm",
+    "dpo": "tunesmith.objectives.dpo",
+    "orpo": "tunesmith.objectives.orpo",
+    "simpo": "tunesmith.objectives.simpo",
 }
 
 # objective.name=auto: the objective for each data format.
-AUTO_BY_FORMAT = {"text": "causal_lm", "alpaca": "sft", "prompt_completion": "sft", "messages": "sft"}
+AUTO_BY_FORMAT = {"text": "causal_lm", "alpaca": "sft", "prompt_completion": "sft", "messages": "sft",
+                  "preference": "dpo"}
 
 LossOutput = tuple[Any, int, dict[str, Any]]  # (loss summed over units, units, {metric: summed over units})
 
@@ -62,6 +70,14 @@ class Objective:
     packs: bool = True
     rollout: Callable[..., list[dict]] | None = None
     score: Callable[..., dict] | None = None  # None: the mean loss and metrics (train/validate.py)
+    configure: Callable[..., "Objective"] | None = None  # (objective config, method) -> the objective as run
+    prepare: Callable[..., None] | None = None  # (base model, data, cfg, run_dir, pad_id, method): once, before
+                                               # the method is applied (e.g. reference log-probabilities)
+
+    def configured(self, cfg, method=None) -> "Objective":
+        """This objective with the run's options (objective.beta, ...) and the method's reference switch bound
+        into its loss; objectives without options are returned as they are."""
+        return self.configure(cfg, method) if self.configure is not None else self
 
     def check_format(self, fmt: str, path: str) -> None:
         if fmt not in self.formats:

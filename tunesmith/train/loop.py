@@ -59,7 +59,7 @@ LossFn = Callable[[torch.nn.Module, dict], tuple]  # (model, batch) -> (sum, uni
 def default_objective(cfg: Config) -> Objective:
     """The configured objective; auto means the examples were encoded by whichever the data format chose,
     and the two it can choose (sft, causal_lm) batch and score alike."""
-    return get_objective("sft" if cfg.objective.name == "auto" else cfg.objective.name)
+    return get_objective("sft" if cfg.objective.name == "auto" else cfg.objective.name).configured(cfg.objective)
 
 
 @dataclass

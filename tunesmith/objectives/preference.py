@@ -1,0 +1,175 @@
+"""Preference pairs: chosen and rejected in one forward pass, log-probabilities at answer tokens only.
+
+What the pair objectives (dpo.py, and the others that learn from `preference` rows) share. A row
+is encoded once (data/preference.py): the prompt rendered and tokenised once, then each answer
+appended, with labels only on the answer and its end-of-turn token. A micro-batch of P pairs
+becomes 2P sequences, chosen_i at index 2i and rejected_i at 2i + 1, packed into padding-free rows
+(or padded, with data.packing=false), so both answers of every pair go through the same forward:
+
+    row:          [ x1 y1+ | x1 y1- | x2 y2+ | x2 y2- | ... ]
+    sequence_ids: [ 0 .. 0 | 1 .. 1 | 2 .. 2 | 3 .. 3 | ... ]   (-1: padding)
+
+The sequence log-probability of an answer y given its prompt x is the sum over its labelled tokens,
+
+    log pi(y | x) = sum_{t in answer} [ z_t[y_t] - logsumexp(z_t) ],   z_t = the logits before token t,
+
+taken in chunks of labelled positions only (lm.head_chunks): the (2P x length x vocabulary)
+logits tensor never exists, and prompt tokens cost no vocabulary projection.
+
+The reference model costs no second copy: it is the same weights with the method switched off
+(the method's `disable`), run without gradient; or, with objective.reference=precomputed (and
+always for methods that train the base weights, which have no switch), the reference
+log-probabilities are computed once on the base model before the method is applied, kept in
+`output.dir/reference_logps.safetensors` (written atomically; a resumed run reads them back), and
+travel with the examples into each batch as `ref_logps`.
+
+A process left without a pair in a short last micro-batch runs a filler pair with weight 0: it
+adds no loss, no metric and no unit, and a zero gradient (DDP and FSDP2 need every process).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.data.dataset import collate, has_target
+from tunesmith.data.packing import collate_packed
+from tunesmith.objectives.lm import head_chunks, labelled_states
+from tunesmith.objectives.registry import LossOutput, Objective
+
+# Metrics of every pair objective, each a sum over pairs that the loop divides by the window's pairs.
+PAIR_METRICS = ("reward_chosen", "reward_rejected", "margin", "accuracy")
+
+
+def encode(fields: dict, fmt: str, tokenizer, cfg) -> dict:
+    from tunesmith.data.preference import encode_pair
+
+    return encode_pair(fields, tokenizer, cfg.max_seq_len, cfg.system_prompt)
+
+
+def keeps(example: dict) -> bool:
+    """Both answers keep at least one labelled token within data.max_seq_len."""
+    return has_target(example["chosen_labels"]) and has_target(example["rejected_labels"])
+
+
+def sequences(examples: list[dict]) -> list[dict]:
+    """The 2P sequences of P pairs: chosen_i at 2i, rejected_i at 2i + 1."""
+    out = []
+    for e in examples:
+        out.append({"input_ids": e["chosen_ids"], "labels": e["chosen_labels"]})
+        out.append({"input_ids": e["rejected_ids"], "labels": e["rejected_labels"]})
+    return out
+
+
+def collate_pairs(examples: list[dict], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
+    """One micro-batch: the pairs' sequences packed (pack_len > 0) or padded, which sequence each token
+    belongs to, and each pair's weight (0 for a filler pair)."""
+    seqs = sequences(examples)
+    if pack_len:
+        batch = collate_packed(seqs, pad_id, pack_len, sequence_ids=True)
+    else:
+        batch = collate(seqs, pad_id)
+        rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(batch["input_ids"])  # (2P, T)
+        batch["sequence_ids"] = torch.where(batch["attention_mask"] == 1, rows, -1)
+    batch["pair_weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples])  # (P,)
+    if all("ref_logps" in e for e in examples):  # precomputed: (2P,), in the order of the sequences
+        batch["ref_logps"] = torch.tensor([lp for e in examples for lp in e["ref_logps"]], dtype=torch.float32)
+    return batch
+
+
+def count_pairs(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["pair_weight"].sum())
+
+
+def filler(example: dict) -> dict:
+    return {**example, "weight": 0.0}
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y | x) per sequence (2P,) in float32, labelled tokens per sequence (2P,))."""
+    n = 2 * batch["pair_weight"].numel()
+    states, targets, keep = labelled_states(model, batch)
+    owner = batch["sequence_ids"][:, 1:][keep]  # (N,): the token at t + 1 belongs to sequence owner[t]
+    sums = states.new_zeros(n, dtype=torch.float32)
+    for logits, chunk, start in head_chunks(model, states, targets):
+        token_logps = logits.gather(1, chunk.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        sums = sums.index_add(0, owner[start : start + chunk.numel()], token_logps)
+    return sums, torch.bincount(owner, minlength=n)
+
+
+def reference_logps(model, batch: dict[str, torch.Tensor], reference) -> torch.Tensor:
+    """The reference model's log pi(y | x) per sequence: the same weights inside `reference(model)` (the method
+    switched off), without gradient; with no switch (reference None), those the batch carries."""
+    if reference is None:
+        if "ref_logps" not in batch:
+            raise ValueError("a precomputed reference was configured, but the batch carries no ref_logps "
+                             "(the objective's prepare step did not run)")
+        return batch["ref_logps"]
+    with torch.no_grad(), reference(model):
+        return answer_logps(model, batch)[0]
+
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def uses_precomputed_reference(cfg, method) -> bool:
+    """objective.reference=precomputed, or auto with a method that has no switch to turn off."""
+    return cfg.reference == "precomputed" or (cfg.reference == "auto" and method is not None and method.disable is None)
+
+
+@torch.no_grad()
+def precompute_reference(model, data, cfg, run_dir, pad_id: int, method=None, batch_size: int = 8) -> None:
+    """Attach the base model's log pi(y|x) of both answers to every train and validation pair (`ref_logps`),
+    computed once before the method is applied and kept in the run directory, keyed by the examples."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from tunesmith.files import atomic_save_safetensors, read_safetensors
+
+    if not uses_precomputed_reference(cfg.objective, method):
+        return
+    splits = {"train": data.train, "validation": data.validation}
+    key = hashlib.sha256(json.dumps([cfg.model.name_or_path, [[e["chosen_ids"], e["rejected_ids"], e["chosen_labels"],
+                                    e["rejected_labels"]] for e in data.train + data.validation]]).encode()).hexdigest()
+    path = Path(run_dir) / REFERENCE_FILE
+    stored = read_safetensors(path, "the reference log-probabilities") if path.is_file() else {}
+    if stored.get("key") is None or bytes(stored["key"].tolist()).decode() != key:
+        was_training = model.training
+        model.eval()
+        stored = {name: reference_table(model, examples, pad_id, batch_size) for name, examples in splits.items()}
+        stored["key"] = torch.tensor(list(key.encode()), dtype=torch.uint8)
+        atomic_save_safetensors(stored, path)
+        model.train(was_training)
+    for name, examples in splits.items():
+        for example, logps in zip(examples, stored[name].tolist()):
+            example["ref_logps"] = logps
+
+
+def reference_table(model, examples: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
+    """(len(examples), 2): log pi(chosen | x), log pi(rejected | x) of each pair under `model`."""
+    rows = [answer_logps(model, collate_pairs(examples[i : i + batch_size], pad_id))[0].view(-1, 2)
+            for i in range(0, len(examples), batch_size)]
+    return torch.cat(rows) if rows else torch.zeros((0, 2))
+
+
+def pair_output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                weight: torch.Tensor, **extra: torch.Tensor) -> LossOutput:
+    """(sum of the pairs' losses, pairs, metric sums), filler pairs weighted 0. `extra`: more per-pair
+    metrics (P,), e.g. DPO's chosen_logp_drift, summed the same way."""
+    w = weight.to(losses.dtype)
+    summed = lambda t: float((t.detach().to(w.dtype) * w).sum())
+    metrics = {
+        "reward_chosen": summed(chosen_rewards),
+        "reward_rejected": summed(rejected_rewards),
+        "margin": summed(chosen_rewards - rejected_rewards),
+        "accuracy": summed((chosen_rewards > rejected_rewards).float()),
+        **{name: summed(values) for name, values in extra.items()},
+    }
+    return (losses * w).sum(), int(w.sum()), metrics
+
+
+def pair_objective(name: str, loss, extra_metrics: tuple[str, ...] = (), configure=None) -> Objective:
+    """An objective over `preference` rows whose loss is a function of the pairs' answer log-probabilities."""
+    return Objective(name=name, formats=("preference",), unit="pairs", encode=encode, keeps=keeps,
+                     collate=collate_pairs, units=count_pairs, filler=filler, loss=loss,
+                     metrics=PAIR_METRICS + extra_metrics, configure=configure)
