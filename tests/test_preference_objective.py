@@ -258,3 +258,20 @@ def test_full_fine_tuning_runs_dpo_with_a_precomputed_reference(tmp_path):
     assert (tmp_path / "run" / REFERENCE_FILE).is_file() and summary["objective"] == "dpo"
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-4  # the base model is its own reference at step 1
+
+
+def test_likelihood_displacement_is_warned_once(tmp_path, caplog):
+    """A tiny drift_warning makes the first step that lowers the chosen answers warn, and only once."""
+    import logging
+
+    model, method = lora_model()
+    cfg = build_config({"objective": {"name": "dpo", "beta": 0.5, "drift_warning": 1e-6},
+                        "train": {"max_steps": 4, "batch_size": 2, "lr": 0.05}, "output": {"dir": str(tmp_path)}})
+    objective = get_objective("dpo").configured(cfg.objective, method)
+    with caplog.at_level(logging.WARNING):
+        train(model, pairs(6), [], cfg, tmp_path, pad_id=2, objective=objective)
+    drifts = [json.loads(l)["chosen_logp_drift"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert min(drifts) < -1e-6
+    assert caplog.text.count("likelihood displacement") == 1
+    assert get_objective("dpo").configured(ObjectiveConfig(name="dpo"), method).check_step(
+        {"chosen_logp_drift": -1.0}) is None  # the default margin (5 nats) is not crossed

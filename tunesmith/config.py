@@ -161,7 +161,8 @@ class ObjectiveConfig(Section):
     beta: float | None = Field(
         None, gt=0, description="The preference objectives' beta; unset: the objective's default. dpo (0.1): the "
         "pull towards the reference model, the reward of an answer is beta * (log pi(y|x) - log pi_ref(y|x)); "
-        "orpo (0.1): lambda, the weight of the odds-ratio term; simpo (2.0): the reward scale.",
+        "orpo (0.1): lambda, the weight of the odds-ratio term; simpo (2.0): the reward scale; kto (0.1): as dpo, "
+        "the reward scale against the reference point z0.",
     )
     gamma: float | None = Field(
         None, ge=0, description="simpo: the target reward margin of the paper's Eq. 6 (TRL's simpo_gamma); set it "
@@ -184,6 +185,17 @@ class ObjectiveConfig(Section):
         "one more forward per step, no second copy); precomputed (the base model's log-probabilities of every "
         "pair, computed once before training and kept in output.dir); auto: adapters_off where the method can "
         "be switched off, else precomputed (full, freeze).",
+    )
+    drift_warning: float = Field(
+        5.0, gt=0, description="dpo: warn once when the chosen answers' mean log-probability falls this many nats "
+        "below the reference's (likelihood displacement; metrics.jsonl has chosen_logp_drift every step).",
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="kto: w_D, the weight of the loss of answers labelled true (desirable). The paper "
+        "advises w_D * n_D / (w_U * n_U) in [1, 4/3] for unbalanced data. docs/alignment.md.",
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="kto: w_U, the weight of the loss of answers labelled false (undesirable).",
     )
     ipo_length_normalise: bool = Field(
         True, description="dpo with loss ipo: divide each answer's log-ratio by its token count first (TRL's "

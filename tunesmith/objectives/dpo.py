@@ -147,7 +147,19 @@ def configure(cfg, method=None) -> Objective:
     loss = partial(dpo_pair_loss, beta=cfg.beta or DEFAULT_BETA, loss_type=cfg.loss,
                    label_smoothing=cfg.label_smoothing, ipo_length_normalise=cfg.ipo_length_normalise,
                    reference=reference)
-    return replace(OBJECTIVE, loss=loss)
+    return replace(OBJECTIVE, loss=loss, check_step=partial(likelihood_displacement, margin=cfg.drift_warning))
+
+
+def likelihood_displacement(metrics: dict, margin: float) -> str | None:
+    """A warning when the chosen answers' log-probability has fallen more than `margin` nats below the
+    reference's: DPO can widen the margin by pushing both answers down (likelihood displacement,
+    arXiv 2410.08847), which degrades what the chosen answers teach."""
+    drift = metrics.get("chosen_logp_drift", 0.0)
+    if drift < -margin:
+        return (f"the chosen answers' log-probability is {-drift:.2f} nats below the reference's on average "
+                f"(objective.drift_warning={margin}): DPO is lowering the preferred answers too (likelihood "
+                "displacement); consider a lower train.lr, a larger objective.beta, or SFT on the chosen answers first")
+    return None
 
 
 OBJECTIVE = replace(pair_objective("dpo", dpo_pair_loss, ("chosen_logp_drift",), configure=configure),

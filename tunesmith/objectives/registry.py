@@ -23,6 +23,8 @@ The data pipeline and the loop know no objective by name. An objective says:
     score(model, examples, ...)   held-out scoring: {"val_loss": ..., "val_<metric>": ...}
     configure(cfg, method)        optional: the objective with objective.* options and the method's
                                   `disable` (the reference model of DPO and its relatives) bound in
+    check_step(metrics)           optional: a warning about a step's mean metrics (DPO's likelihood
+                                  displacement), logged the first time it is given
     prepare(model, data, ...)     optional: runs once on the base model before the method is applied
                                   (DPO's precomputed reference log-probabilities)
 
@@ -46,11 +48,12 @@ OBJECTIVES: dict[str, str] = {
     "dpo": "tunesmith.objectives.dpo",
     "orpo": "tunesmith.objectives.orpo",
     "simpo": "tunesmith.objectives.simpo",
+    "kto": "tunesmith.objectives.kto",
 }
 
 # objective.name=auto: the objective for each data format.
 AUTO_BY_FORMAT = {"text": "causal_lm", "alpaca": "sft", "prompt_completion": "sft", "messages": "sft",
-                  "preference": "dpo"}
+                  "preference": "dpo", "unpaired": "kto"}
 
 LossOutput = tuple[Any, int, dict[str, Any]]  # (loss summed over units, units, {metric: summed over units})
 
@@ -71,6 +74,7 @@ class Objective:
     rollout: Callable[..., list[dict]] | None = None
     score: Callable[..., dict] | None = None  # None: the mean loss and metrics (train/validate.py)
     configure: Callable[..., "Objective"] | None = None  # (objective config, method) -> the objective as run
+    check_step: Callable[[dict], str | None] | None = None  # a step's mean metrics -> a warning, or None
     prepare: Callable[..., None] | None = None  # (base model, data, cfg, run_dir, pad_id, method): once, before
                                                # the method is applied (e.g. reference log-probabilities)
 

@@ -51,6 +51,7 @@ class TrainState:
     tokens_seen: int = 0  # labelled tokens trained on
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
+    warned: bool = False  # the objective's check_step warning was logged (once a run, resumes included)
 
 
 def rng_snapshot() -> tuple[dict, dict]:

@@ -317,6 +317,10 @@ def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective,
     }
     if state.step % t.log_every == 0 or state.step == schedule.total_steps:
         metrics.write(record)
+    warning = objective.check_step(result.metrics) if objective.check_step is not None else None
+    if warning and not state.warned:
+        log.warning("step %d: %s", state.step, warning)
+        state.warned = True
     bar.update(1)
     bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in result.metrics.items()},
                     lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
