@@ -60,16 +60,21 @@ def sequences(examples: list[dict]) -> list[dict]:
     return out
 
 
+def collate_sequences(seqs: list[dict], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
+    """Sequences ({input_ids, labels}) packed (pack_len > 0) or padded into one forward, with `sequence_ids`:
+    the index in `seqs` of the sequence each token belongs to (-1: padding)."""
+    if pack_len:
+        return collate_packed(seqs, pad_id, pack_len, sequence_ids=True)
+    batch = collate(seqs, pad_id)
+    rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(batch["input_ids"])  # (S, T)
+    batch["sequence_ids"] = torch.where(batch["attention_mask"] == 1, rows, -1)
+    return batch
+
+
 def collate_pairs(examples: list[dict], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
     """One micro-batch: the pairs' sequences packed (pack_len > 0) or padded, which sequence each token
     belongs to, and each pair's weight (0 for a filler pair)."""
-    seqs = sequences(examples)
-    if pack_len:
-        batch = collate_packed(seqs, pad_id, pack_len, sequence_ids=True)
-    else:
-        batch = collate(seqs, pad_id)
-        rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(batch["input_ids"])  # (2P, T)
-        batch["sequence_ids"] = torch.where(batch["attention_mask"] == 1, rows, -1)
+    batch = collate_sequences(sequences(examples), pad_id, pack_len)
     batch["pair_weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples])  # (P,)
     if all("ref_logps" in e for e in examples):  # precomputed: (2P,), in the order of the sequences
         batch["ref_logps"] = torch.tensor([lp for e in examples for lp in e["ref_logps"]], dtype=torch.float32)
@@ -84,9 +89,11 @@ def filler(example: dict) -> dict:
     return {**example, "weight": 0.0}
 
 
-def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y | x) per sequence (2P,) in float32, labelled tokens per sequence (2P,))."""
-    n = 2 * batch["pair_weight"].numel()
+def answer_logps(model, batch: dict[str, torch.Tensor], n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y | x) per sequence (n,) in float32, labelled tokens per sequence (n,)); n: the batch's sequences,
+    by default 2P for P pairs (other objectives, e.g. kto.py, pass their own count)."""
+    if n is None:
+        n = 2 * batch["pair_weight"].numel()
     states, targets, keep = labelled_states(model, batch)
     owner = batch["sequence_ids"][:, 1:][keep]  # (N,): the token at t + 1 belongs to sequence owner[t]
     sums = states.new_zeros(n, dtype=torch.float32)
@@ -96,16 +103,16 @@ def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return sums, torch.bincount(owner, minlength=n)
 
 
-def reference_logps(model, batch: dict[str, torch.Tensor], reference) -> torch.Tensor:
+def reference_logps(model, batch: dict[str, torch.Tensor], reference, n: int | None = None) -> torch.Tensor:
     """The reference model's log pi(y | x) per sequence: the same weights inside `reference(model)` (the method
-    switched off), without gradient; with no switch (reference None), those the batch carries."""
+    switched off), without gradient; with no switch (reference None), those the batch carries. n: as answer_logps."""
     if reference is None:
         if "ref_logps" not in batch:
             raise ValueError("a precomputed reference was configured, but the batch carries no ref_logps "
                              "(the objective's prepare step did not run)")
         return batch["ref_logps"]
     with torch.no_grad(), reference(model):
-        return answer_logps(model, batch)[0]
+        return answer_logps(model, batch, n)[0]
 
 
 REFERENCE_FILE = "reference_logps.safetensors"
