@@ -6,6 +6,7 @@ Unit tests never touch the real model; they run on these in milliseconds. Tests 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -115,3 +116,21 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_model():
     return build_tiny_model()
+
+
+@contextlib.contextmanager
+def killed_after(monkeypatch, step: int | None):
+    """Inside: the test fault hook stops training right after `step` (None: never) by raising
+    KeyboardInterrupt, as a kill would, without killing the test process. Unarmed again on the way out."""
+    from tunesmith.train import faults
+
+    def kill():
+        raise KeyboardInterrupt
+
+    if step:
+        monkeypatch.setattr(faults, "ARMED", faults.Faults(kill_at_step=step))
+        monkeypatch.setattr(faults, "kill", kill)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(faults, "ARMED", faults.Faults())

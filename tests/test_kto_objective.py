@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_model, build_tiny_tokenizer, killed_after
 from tunesmith.config import MethodConfig, ObjectiveConfig, TrainConfig, build_config
 from tunesmith.data.preference import encode_unpaired
 from tunesmith.errors import UserError
@@ -18,7 +18,6 @@ from tunesmith.objectives.kto import collate_unpaired, filler
 from tunesmith.objectives.lm import IGNORE
 from tunesmith.objectives.preference import answer_logps
 from tunesmith.objectives.registry import get_objective
-from tunesmith.train import faults
 from tunesmith.train.checkpoint import checkpoint_tensors
 from tunesmith.train.loop import train, train_step
 from tunesmith.train.optim import build_optimizer
@@ -193,13 +192,8 @@ def run(run_dir, monkeypatch, resume=False, kill_after=None):
                         "objective": {"name": "kto", "beta": 0.5},
                         "train": {"max_steps": 4, "batch_size": 3, "save_every": 2, "lr": 0.01, "resume": resume},
                         "output": {"dir": str(run_dir)}})
-    if kill_after:
-        monkeypatch.setattr(faults, "ARMED", faults.Faults(kill_at_step=kill_after))
-        monkeypatch.setattr(faults, "kill", lambda: (_ for _ in ()).throw(KeyboardInterrupt))
-    try:
+    with killed_after(monkeypatch, kill_after):
         train(model, examples(6), examples(3, seed=1), cfg, run_dir, pad_id=2, objective=kto(method, beta=0.5))
-    finally:
-        monkeypatch.setattr(faults, "ARMED", faults.Faults())
     return checkpoint_tensors(model)
 
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tiny_tokenizer, tiny_run_files
+from conftest import build_tiny_model, build_tiny_tokenizer, killed_after, tiny_run_files
 from tunesmith.config import DataConfig, build_config, load_config
 from tunesmith.data.dataset import collate, prepare_datasets
 from tunesmith.errors import UserError
@@ -158,13 +158,8 @@ def replace_labels_rollout(calls: list):
 def run_online(run_dir, monkeypatch, calls, resume=False, kill_after=None):
     objective = dataclasses.replace(get_objective("sft"), rollout=replace_labels_rollout(calls))
     model = build_tiny_model()
-    if kill_after:
-        monkeypatch.setattr(faults, "ARMED", faults.Faults(kill_at_step=kill_after))
-        monkeypatch.setattr(faults, "kill", lambda: (_ for _ in ()).throw(KeyboardInterrupt))
-    try:
+    with killed_after(monkeypatch, kill_after):
         train(model, examples(), [], config(run_dir, resume=resume), run_dir, pad_id=2, objective=objective)
-    finally:
-        monkeypatch.setattr(faults, "ARMED", faults.Faults())
     return checkpoint_tensors(model)
 
 

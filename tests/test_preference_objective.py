@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, killed_after
 from tunesmith.config import ObjectiveConfig, build_config
 from tunesmith.methods.registry import get_method
 from tunesmith.objectives.lm import IGNORE
 from tunesmith.objectives.preference import answer_logps, collate_pairs, filler
 from tunesmith.objectives.registry import get_objective
-from tunesmith.train import faults
 from tunesmith.train.checkpoint import checkpoint_tensors
 from tunesmith.train.loop import train, train_step
 from tunesmith.train.optim import build_optimizer
@@ -146,13 +145,8 @@ def run(run_dir, monkeypatch, resume=False, kill_after=None):
                         "objective": {"name": "dpo", "beta": 0.5},
                         "train": {"max_steps": 4, "batch_size": 2, "save_every": 2, "lr": 0.01, "resume": resume},
                         "output": {"dir": str(run_dir)}})
-    if kill_after:
-        monkeypatch.setattr(faults, "ARMED", faults.Faults(kill_at_step=kill_after))
-        monkeypatch.setattr(faults, "kill", lambda: (_ for _ in ()).throw(KeyboardInterrupt))
-    try:
+    with killed_after(monkeypatch, kill_after):
         train(model, pairs(6), pairs(2, seed=1), cfg, run_dir, pad_id=2, objective=dpo(method, beta=0.5))
-    finally:
-        monkeypatch.setattr(faults, "ARMED", faults.Faults())
     return checkpoint_tensors(model)
 
 

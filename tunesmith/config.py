@@ -401,15 +401,3 @@ def save_config(config: Config, path: str | Path) -> None:
     from tunesmith.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def describe_options() -> str:
-    """Every key with its default and doc, for `--help` and the docs."""
-    out = []
-    for section, field in Config.model_fields.items():
-        model = field.annotation
-        out.append(f"{section}:")
-        for key, f in model.model_fields.items():
-            default = f.default if f.default_factory is None else f.default_factory()
-            out.append(f"  {section}.{key} (default {default!r}): {f.description}")
-    return "\n".join(out)

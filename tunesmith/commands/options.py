@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from tunesmith.config import Section, read_yaml
+from tunesmith.config import Config, Section, read_yaml
 from tunesmith.errors import UserError
 
 
@@ -99,3 +99,15 @@ def _describe(error: ValidationError, command: str, section: type[Section], give
             where = flag(key) if key in given else f"{key} in {str(file)!r}"
             lines.append(f"  - {where}: {item['msg']} (got {reprlib.repr(item.get('input'))})")
     return "\n".join(lines)
+
+
+def describe_options() -> str:
+    """Every key of the run config with its default and doc, for the `--help` of train, eval and demo."""
+    out = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        out.append(f"{section}:")
+        for key, f in model.model_fields.items():
+            default = f.default if f.default_factory is None else f.default_factory()
+            out.append(f"  {section}.{key} (default {default!r}): {f.description}")
+    return "\n".join(out)

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from tunesmith.commands.data import write_demo_data
-from tunesmith.config import Config, describe_options, load_config, save_config
+from tunesmith.commands.options import describe_options
+from tunesmith.config import Config, load_config, save_config
 from tunesmith.errors import UserError
 from tunesmith.files import atomic_write_json, read_json, read_safetensors
 
