@@ -134,3 +134,18 @@ def killed_after(monkeypatch, step: int | None):
         yield
     finally:
         monkeypatch.setattr(faults, "ARMED", faults.Faults())
+
+
+def assert_resumes_bit_exact(run, tmp_path, monkeypatch) -> list[dict]:
+    """`run(run_dir, monkeypatch, resume=False, kill_after=None)` trains and returns its checkpoint tensors. Runs
+    it whole, and again killed after step 2 (killed_after) then resumed in the same folder; asserts both end
+    bit-exact. Returns the whole run's metrics.jsonl records."""
+    import json
+
+    whole = run(tmp_path / "a", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", monkeypatch, kill_after=2)
+    resumed = run(tmp_path / "b", monkeypatch, resume=True)
+    assert whole.keys() == resumed.keys() and whole
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    return [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

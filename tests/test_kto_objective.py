@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tiny_tokenizer, killed_after
+from conftest import assert_resumes_bit_exact, build_tiny_model, build_tiny_tokenizer, killed_after
 from tunesmith.config import MethodConfig, ObjectiveConfig, TrainConfig, build_config
 from tunesmith.data.preference import encode_unpaired
 from tunesmith.errors import UserError
@@ -198,12 +198,7 @@ def run(run_dir, monkeypatch, resume=False, kill_after=None):
 
 
 def test_kto_trains_logs_its_metrics_and_resumes_bit_exact(tmp_path, monkeypatch):
-    whole = run(tmp_path / "a", monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", monkeypatch, kill_after=2)
-    resumed = run(tmp_path / "b", monkeypatch, resume=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    records = assert_resumes_bit_exact(run, tmp_path, monkeypatch)
     steps = [r for r in records if "loss" in r]
     assert abs(steps[0]["loss"] - 0.5) < 1e-5  # the first step starts at the reference
     assert steps[-1]["loss"] < steps[0]["loss"]

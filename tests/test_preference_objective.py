@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny_model, killed_after
+from conftest import assert_resumes_bit_exact, build_tiny_model, killed_after
 from tunesmith.config import ObjectiveConfig, build_config
 from tunesmith.methods.registry import get_method
 from tunesmith.objectives.lm import IGNORE
@@ -151,12 +151,7 @@ def run(run_dir, monkeypatch, resume=False, kill_after=None):
 
 
 def test_dpo_trains_logs_its_metrics_and_resumes_bit_exact(tmp_path, monkeypatch):
-    whole = run(tmp_path / "a", monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", monkeypatch, kill_after=2)
-    resumed = run(tmp_path / "b", monkeypatch, resume=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    records = assert_resumes_bit_exact(run, tmp_path, monkeypatch)
     steps = [r for r in records if "loss" in r]
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-5  # the first step starts at the reference
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["margin"] > 0

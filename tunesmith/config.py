@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import UserError
+from tunesmith.files import read_yaml
 from tunesmith.methods.registry import METHODS, get_method
 from tunesmith.objectives.registry import AUTO_BY_FORMAT, OBJECTIVES, get_objective
 
@@ -329,27 +330,6 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             raise UserError(f"Override {'.'.join(path)}: {part!r} is a value, not a section.")
         node = child
     node[path[-1]] = value
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"Config file {str(p)!r} does not exist.")
-    try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"Config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
-    except UnicodeDecodeError:
-        raise UserError(f"Config file {str(p)!r} is not UTF-8 text.") from None
-    except (ValueError, RecursionError) as e:  # an impossible date (2024-13-45), nesting too deep to parse
-        raise UserError(f"Config file {str(p)!r} is not valid YAML: {str(e)[:200] or type(e).__name__}.") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise UserError(f"Config file {str(p)!r} must be a mapping of sections (model, method, data, ...).")
-    return tree
 
 
 def build_config(tree: dict[str, Any], source: str = "config") -> Config:

@@ -21,6 +21,7 @@ safetensors, peft or torch.
     check_safetensors(path, what)      the header only (cheap: nothing is read into memory)
     read_torch(path, what)             torch.load(weights_only=True): runs no pickled code
     read_json(path, what)
+    read_yaml(path)                    a config file: a mapping, or a UserError with the line
     check_keys(expected, tensors, path, ...)      missing, unexpected and mis-shaped tensors, a few of each
     load_state_strict(target, tensors, path, ...) check_keys, then copy into the module's tensors
 
@@ -233,3 +234,28 @@ def load_state_strict(target: nn.Module | Mapping[str, torch.Tensor], tensors: M
     with torch.no_grad():
         for key, tensor in tensors.items():
             own[key].copy_(tensor.to(own[key].dtype))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping; a missing, unreadable or malformed file is a UserError naming it
+    (and the line, where the parser says)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Config file {str(p)!r} does not exist.")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"Config file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"Config file {str(p)!r} is not UTF-8 text.") from None
+    except (ValueError, RecursionError) as e:  # an impossible date (2024-13-45), nesting too deep to parse
+        raise UserError(f"Config file {str(p)!r} is not valid YAML: {str(e)[:200] or type(e).__name__}.") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"Config file {str(p)!r} must be a mapping of sections (model, method, data, ...).")
+    return tree

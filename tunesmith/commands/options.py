@@ -18,8 +18,9 @@ from typing import Any, Literal
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from tunesmith.config import Config, Section, read_yaml
+from tunesmith.config import Config, Section
 from tunesmith.errors import UserError
+from tunesmith.files import read_yaml
 
 
 def add_section_options(parser: argparse.ArgumentParser, command: str, section: type[Section]) -> None:
