@@ -182,10 +182,10 @@ class ObjectiveConfig(Section):
         "labels are flipped.",
     )
     reference: Literal["auto", "adapters_off", "precomputed"] = Field(
-        "auto", description="dpo's reference model: adapters_off (the same weights with the method switched off, "
-        "one more forward per step, no second copy); precomputed (the base model's log-probabilities of every "
-        "pair, computed once before training and kept in output.dir); auto: adapters_off where the method can "
-        "be switched off, else precomputed (full, freeze).",
+        "auto", description="dpo's and kto's reference model: adapters_off (the same weights with the method "
+        "switched off, one more forward per step, no second copy); precomputed (the base model's log-probabilities "
+        "of every answer, computed once before training and kept in output.dir); auto: adapters_off where the "
+        "method can be switched off, else precomputed (full, freeze).",
     )
     drift_warning: float = Field(
         5.0, gt=0, description="dpo: warn once when the chosen answers' mean log-probability falls this many nats "
@@ -197,6 +197,10 @@ class ObjectiveConfig(Section):
     )
     undesirable_weight: float = Field(
         1.0, gt=0, description="kto: w_U, the weight of the loss of answers labelled false (undesirable).",
+    )
+    reward_center: float = Field(
+        0.0, ge=0, description="reward: c of the centring term c * (r_chosen + r_rejected)^2 that keeps the rewards "
+        "near zero (TRL's center_rewards_coefficient; Eisenstein et al. suggest 0.01); 0: off.",
     )
     ipo_length_normalise: bool = Field(
         True, description="dpo with loss ipo: divide each answer's log-ratio by its token count first (TRL's "

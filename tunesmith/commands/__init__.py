@@ -9,6 +9,7 @@ rest of tunesmith inside the functions that run, so `tunesmith --help` stays ins
 MODULES = (
     "tunesmith.commands.train",  # train, demo
     "tunesmith.commands.infer",  # eval, generate, chat
+    "tunesmith.commands.score",  # score (reward models)
     "tunesmith.commands.artifacts",  # merge, quantize
     "tunesmith.commands.data",  # data demo
 )

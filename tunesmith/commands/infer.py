@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                               epilog=config_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config naming the model and data.test")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--adapter", help="adapter folder (PEFT format) to apply before scoring")
+    p.add_argument("--adapter", help="adapter folder (PEFT format) to apply before scoring; with objective.name="
+                   "reward, the reward model folder (default output.dir/reward_model)")
     p.set_defaults(run=_run_eval)
 
     for name, text, run in (("generate", "complete one prompt", _run_generate),
@@ -78,12 +79,28 @@ def evaluate(cfg: Config, adapter: str | None) -> dict:
 
     if not cfg.data.test:
         raise UserError("data.test is not set: name a test file to score (e.g. data.test=data/test.jsonl).")
+    if cfg.objective.name == "reward":
+        return evaluate_reward_model(cfg, adapter)
     explicit = "quantization" in cfg.model.model_fields_set
     model_cfg = cfg.model if explicit or not adapter else adapter_base_config(cfg.model, Path(adapter))
     model, tokenizer = load_model_and_tokenizer(model_cfg)
     if adapter:
         load_artifact(model, Path(adapter))
     scores = score_test_set(model, tokenizer, cfg, "adapter" if adapter else "base")
+    print(json.dumps(scores, indent=2))
+    return scores
+
+
+def evaluate_reward_model(cfg: Config, folder: str | None) -> dict:
+    """A reward model's pair accuracy on data.test (preference rows): the folder given, else the run's
+    output.dir/reward_model, scored by plain transformers as `tunesmith score` does."""
+    from tunesmith.commands.score import score_file
+
+    model_dir = folder or str(Path(cfg.output.dir) / "reward_model")
+    _, summary = score_file(model_dir, cfg.data.test, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.system_prompt)
+    if "pair_accuracy" not in summary:
+        raise UserError(f"{cfg.data.test}: a reward model is evaluated on preference rows (prompt, chosen, rejected).")
+    scores = {"pair_accuracy": summary["pair_accuracy"]}
     print(json.dumps(scores, indent=2))
     return scores
 

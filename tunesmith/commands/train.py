@@ -80,23 +80,31 @@ def train(cfg: Config) -> dict:
     if not cfg.data.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
     run_dir, model, tokenizer, data, objective = load_run(cfg)
+    score_test = test_scorer(objective, model, tokenizer, cfg)
     before = None
-    if cfg.data.test and cfg.eval.before_after:
-        before = cached_score(run_dir / "before.json", lambda: score_test_set(model, tokenizer, cfg, "before"))
-        log.info("before fine-tuning: %s", _fmt(before))
+    if cfg.data.test and cfg.eval.before_after and objective.add_head is None:
+        before = cached_score(run_dir / "before.json", lambda: score_test("before")[0])
     if objective.prepare is not None:  # on the base model, before the method changes it
         from tunesmith.methods.registry import get_method
 
         objective.prepare(model, data, cfg, run_dir, tokenizer.pad_token_id, get_method(cfg.method.name))
-    method, trainable, total = apply_method(model, cfg)
+    method, trainable, total = apply_method(model, cfg, objective)
+    if cfg.data.test and cfg.eval.before_after and objective.add_head is not None:
+        # the method computes the base model until trained; the head is as initialised
+        before = cached_score(run_dir / "before.json", lambda: score_test("before")[0])
+    if before is not None:
+        log.info("before fine-tuning: %s", _fmt(before))
     objective = objective.configured(cfg.objective, method)  # e.g. DPO's reference: the method switched off
     started = time.time()
     model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id)
     train_seconds = time.time() - started
+    score_test = test_scorer(objective, model, tokenizer, cfg)  # fine_tune may hand back another copy (FSDP2)
     after, examples = None, []
     if cfg.data.test:
-        after, examples = score_test_set(model, tokenizer, cfg, "after", return_examples=3)
+        after, examples = score_test("after")
         log.info("after fine-tuning:  %s", _fmt(after))
+    if objective.export is not None and distributed.is_main():
+        objective.export(model, method, cfg, run_dir, tokenizer)
     summary = {
         "model": cfg.model.name_or_path,
         "method": describe_method(cfg.method),
@@ -142,8 +150,17 @@ def load_run(cfg: Config):
     return run_dir, model, tokenizer, data, get_objective(data.objective)  # auto is resolved by the format now
 
 
-def apply_method(model, cfg: Config):
-    """(method, trainable, total parameters) after applying method.name, initialised from train.seed."""
+def test_scorer(objective, model, tokenizer, cfg: Config):
+    """label -> (the test split's scores, examples to show): the objective's own (a reward model's pair
+    accuracy), or answers generated and scored against the references."""
+    if objective.test_score is not None:
+        return lambda label: (objective.test_score(model, tokenizer, cfg), [])
+    return lambda label: score_test_set(model, tokenizer, cfg, label, return_examples=3)
+
+
+def apply_method(model, cfg: Config, objective=None):
+    """(method, trainable, total parameters) after applying method.name, initialised from train.seed, and the
+    objective's own head if it has one (a reward model's score)."""
     import torch
 
     from tunesmith.methods.inject import count_parameters
@@ -152,6 +169,8 @@ def apply_method(model, cfg: Config):
     method = get_method(cfg.method.name)
     torch.manual_seed(cfg.train.seed)  # adapter initialisation is part of the run's seed
     adapted = method.apply(model, cfg.method)
+    if objective is not None and objective.add_head is not None:
+        objective.add_head(model, cfg)
     trainable, total = count_parameters(model)
     log.info("%s on %d modules: %s trainable of %s parameters (%.2f%%)", cfg.method.name,
              len(adapted), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -170,16 +189,16 @@ def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id
                        objective=objective)
     if distributed.is_sharded(model):
         del model  # FSDP2 left each process a shard of every weight; the artifact and scoring need whole ones
-        model = trained_model_from_checkpoint(cfg, method, run_dir)
+        model = trained_model_from_checkpoint(cfg, method, run_dir, objective)
     if distributed.is_main():
         method.save(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return model, state
 
 
-def trained_model_from_checkpoint(cfg: Config, method, run_dir: Path):
-    """A whole copy of the trained model: the base, the method applied, and the trainable weights of the
-    newest checkpoint (the loop always saves one at the last step, whole, as any checkpoint)."""
+def trained_model_from_checkpoint(cfg: Config, method, run_dir: Path, objective=None):
+    """A whole copy of the trained model: the base, the method applied (and the objective's head), and the
+    trainable weights of the newest checkpoint (the loop always saves one at the last step, whole)."""
     import torch
 
     from tunesmith.models.loading import load_model_and_tokenizer
@@ -188,6 +207,8 @@ def trained_model_from_checkpoint(cfg: Config, method, run_dir: Path):
     model, _ = load_model_and_tokenizer(cfg.model)
     torch.manual_seed(cfg.train.seed)
     method.apply(model, cfg.method)
+    if objective is not None and objective.add_head is not None:
+        objective.add_head(model, cfg)
     weights = complete_checkpoints(run_dir)[-1] / "trainable.safetensors"
     copy_trainable(model, read_safetensors(weights, "the checkpoint's trainable weights"), weights)
     model.eval()

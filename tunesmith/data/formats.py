@@ -19,6 +19,7 @@ error per run is slow, and a hundred copies of the same error hide the first one
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ FORMATS = {
     "alpaca": "instruction, input (optional), output",
     "prompt_completion": "prompt, completion",
     "messages": "messages: [{role, content}, ...]",
-    "preference": "prompt, chosen, rejected (strings or message lists)",
+    "preference": "prompt, chosen, rejected (strings or message lists), margin (optional number)",
     "unpaired": "prompt, completion, label (true or false)",
 }
 ROLES = ("system", "user", "assistant")
@@ -136,10 +137,18 @@ def check_messages(fields: dict) -> list[str]:
 
 def check_preference(fields: dict) -> list[str]:
     """A prompt and two answers; answers that are the same text teach no preference."""
-    problems = _prompt(fields) + _answer(fields, "chosen") + _answer(fields, "rejected")
+    problems = _prompt(fields) + _answer(fields, "chosen") + _answer(fields, "rejected") + _margin(fields)
     if not problems and answer_text(fields["chosen"]) == answer_text(fields["rejected"]):
         problems.append('fields "chosen" and "rejected" are the same answer, so there is no preference to learn')
     return problems
+
+
+def _margin(fields: dict) -> list[str]:
+    """An optional number: how much better chosen is than rejected (the reward model's margin)."""
+    m = fields.get("margin")
+    if m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)):
+        return []
+    return [f'field "margin" must be a finite number when given (got {shown(m)})']
 
 
 def check_unpaired(fields: dict) -> list[str]:

@@ -44,6 +44,7 @@ def encode_pair(fields: dict[str, Any], tokenizer, max_seq_len: int, system_prom
         "chosen_labels": [IGNORE] * len(prompt_ids) + chosen,
         "rejected_ids": prompt_ids + rejected,
         "rejected_labels": [IGNORE] * len(prompt_ids) + rejected,
+        "margin": float(fields.get("margin") or 0.0),  # read by the reward model only
         "truncated": truncated,
     }
 

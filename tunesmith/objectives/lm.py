@@ -29,6 +29,14 @@ HEAD_CHUNK = 2048  # labelled positions per head/cross-entropy chunk
 def labelled_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(states (N, H), targets (N,), keep (B, T-1)): the trunk's hidden states at the N positions whose next
     token carries a label, and those labels. Only these positions ever reach the output head."""
+    hidden = trunk_states(model, batch)
+    labels = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = labels != IGNORE  # (B, T-1)
+    return hidden[:, :-1][keep], labels[keep], keep
+
+
+def trunk_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H): the transformer's last hidden states (after its final norm), packed or padded rows alike."""
     # A packed batch has position_ids and no attention mask (see tunesmith/data/packing.py); a KV
     # cache would make transformers ignore the packing, and training needs none. Where the sample
     # starts are passed on, tunesmith/models/attention.py attends per sample (other attention
@@ -38,16 +46,13 @@ def labelled_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
         from tunesmith.models.attention import sample_starts
 
         packed["packed_starts"] = sample_starts(batch["position_ids"])
-    hidden = model.base_model(
+    return model.base_model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
         **packed,
     ).last_hidden_state
-    labels = batch["labels"][:, 1:]  # position t predicts token t+1
-    keep = labels != IGNORE  # (B, T-1)
-    return hidden[:, :-1][keep], labels[keep], keep
 
 
 def head_chunks(model, states: torch.Tensor, targets: torch.Tensor):

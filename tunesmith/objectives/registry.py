@@ -27,6 +27,17 @@ The data pipeline and the loop know no objective by name. An objective says:
                                   displacement), logged the first time it is given
     prepare(model, data, ...)     optional: runs once on the base model before the method is applied
                                   (DPO's precomputed reference log-probabilities)
+    before_window(model, window)  optional: the window's micro-batches, completed from forwards without
+                                  gradient over all of them before any loss (KTO's z0 over the window
+                                  and all processes); also run on the validation batches, as one window.
+                                  `model` is what the loss runs through: forward with
+                                  distributed.run_through, the same number of times on every process
+    add_head(model, cfg)          optional: after the method is applied, adds the objective's own trainable
+                                  head to the model (reward: a scalar score on the last answer token)
+    test_score(model, tok, cfg)   optional: the test split's scores, instead of generating answers and
+                                  scoring them (reward: pair accuracy)
+    export(model, method, ...)    optional: an artifact of the objective's own, written after training
+                                  beside the method's (reward: an AutoModelForSequenceClassification folder)
 
 Adding an objective is one file that defines `OBJECTIVE = Objective(...)` and one line in
 OBJECTIVES below (name -> module); objective.name accepts it from then on. `auto` picks one by the
@@ -49,6 +60,7 @@ OBJECTIVES: dict[str, str] = {
     "orpo": "tunesmith.objectives.orpo",
     "simpo": "tunesmith.objectives.simpo",
     "kto": "tunesmith.objectives.kto",
+    "reward": "tunesmith.objectives.reward",
 }
 
 # objective.name=auto: the objective for each data format.
@@ -77,6 +89,10 @@ class Objective:
     check_step: Callable[[dict], str | None] | None = None  # a step's mean metrics -> a warning, or None
     prepare: Callable[..., None] | None = None  # (base model, data, cfg, run_dir, pad_id, method): once, before
                                                # the method is applied (e.g. reference log-probabilities)
+    before_window: Callable[..., list[dict]] | None = None  # (model, window) -> window, before its losses
+    add_head: Callable[..., None] | None = None  # (model, cfg): the objective's trainable head, after the method
+    test_score: Callable[..., dict] | None = None  # (model, tokenizer, cfg) -> test scores, instead of generating
+    export: Callable[..., None] | None = None  # (model, method, cfg, run_dir, tokenizer): its own artifact
 
     def configured(self, cfg, method=None) -> "Objective":
         """This objective with the run's options (objective.beta, ...) and the method's reference switch bound
