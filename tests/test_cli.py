@@ -22,6 +22,7 @@ FLAGS = {  # subcommand -> what its --help must list
     "merge": ["--adapter", "--out", "--model", "--quantization", "--config"],
     "quantize": ["--model", "--out", "--bits", "--quant-type", "--no-double-quant", "--config"],
     "data demo": ["--out", "--seed", "--variant"],
+    "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
 }
 
 

@@ -87,6 +87,8 @@ BAD = [
     ("preference", {"chosen": assistant(" ")}, "chosen[0]: an assistant message must not be empty"),
     ("preference", {"prompt": CONVERSATION[:3]}, "prompt: the last message must be the user message"),
     ("preference", {"prompt": [{"role": "robot", "content": "p"}]}, 'prompt[0]: field "role" must be one of'),
+    ("preference", {"margin": "big"}, 'field "margin" must be a finite number when given (got "big")'),
+    ("preference", {"margin": True}, 'field "margin" must be a finite number when given (got true)'),
     ("unpaired", {"label": "true"}, 'field "label" must be true or false (got "true")'),
     ("unpaired", {"label": 1}, 'field "label" must be true or false (got 1)'),
     ("unpaired", {"label": None}, 'missing field "label"'),
@@ -114,7 +116,9 @@ def test_config_accepts_the_new_formats():
 def test_pair_shares_the_prompt_and_labels_only_the_answers(tiny_tokenizer, form):
     row = PAIR if form == "string" else conversational(PAIR)
     e = encode_pair(row, tiny_tokenizer, 512, None)
-    assert set(e) == {"prompt_len", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "truncated"}
+    assert set(e) == {"prompt_len", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "margin",
+                      "truncated"}
+    assert e["margin"] == 0.0  # no margin field: none (the reward model reads it)
     n = e["prompt_len"]
     prompt_text = render(tiny_tokenizer, [{"role": "user", "content": PAIR["prompt"]}], add_generation_prompt=True)
     assert decode(tiny_tokenizer, e["chosen_ids"][:n]) == prompt_text

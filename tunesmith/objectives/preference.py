@@ -20,8 +20,10 @@ The reference model costs no second copy: it is the same weights with the method
 (the method's `disable`), run without gradient; or, with objective.reference=precomputed (and
 always for methods that train the base weights, which have no switch), the reference
 log-probabilities are computed once on the base model before the method is applied, kept in
-`output.dir/reference_logps.safetensors` (written atomically; a resumed run reads them back), and
-travel with the examples into each batch as `ref_logps`.
+`output.dir/reference_logps.safetensors` (written atomically, by rank 0 under torchrun; a resumed run
+reads them back, a stale file is computed again), and travel with the examples into each batch as
+`ref_logps`. precompute_reference takes the sequences each example has (a pair's two answers here;
+kto.py passes an example's answer and its KL sequence), so every objective shares one implementation.
 
 A process left without a pair in a short last micro-batch runs a filler pair with weight 0: it
 adds no loss, no metric and no unit, and a zero gradient (DDP and FSDP2 need every process).
@@ -29,12 +31,15 @@ adds no loss, no metric and no unit, and a zero gradient (DDP and FSDP2 need eve
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from tunesmith.data.dataset import collate, has_target
 from tunesmith.data.packing import collate_packed
 from tunesmith.objectives.lm import head_chunks, labelled_states
 from tunesmith.objectives.registry import LossOutput, Objective
+from tunesmith.train import distributed, faults
 
 # Metrics of every pair objective, each a sum over pairs that the loop divides by the window's pairs.
 PAIR_METRICS = ("reward_chosen", "reward_rejected", "margin", "accuracy")
@@ -51,13 +56,15 @@ def keeps(example: dict) -> bool:
     return has_target(example["chosen_labels"]) and has_target(example["rejected_labels"])
 
 
+def pair_sequences(example: dict) -> list[dict]:
+    """A pair's two sequences ({input_ids, labels}): chosen, then rejected."""
+    return [{"input_ids": example["chosen_ids"], "labels": example["chosen_labels"]},
+            {"input_ids": example["rejected_ids"], "labels": example["rejected_labels"]}]
+
+
 def sequences(examples: list[dict]) -> list[dict]:
     """The 2P sequences of P pairs: chosen_i at 2i, rejected_i at 2i + 1."""
-    out = []
-    for e in examples:
-        out.append({"input_ids": e["chosen_ids"], "labels": e["chosen_labels"]})
-        out.append({"input_ids": e["rejected_ids"], "labels": e["rejected_labels"]})
-    return out
+    return [s for e in examples for s in pair_sequences(e)]
 
 
 def collate_sequences(seqs: list[dict], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
@@ -124,39 +131,68 @@ def uses_precomputed_reference(cfg, method) -> bool:
 
 
 @torch.no_grad()
-def precompute_reference(model, data, cfg, run_dir, pad_id: int, method=None, batch_size: int = 8) -> None:
-    """Attach the base model's log pi(y|x) of both answers to every train and validation pair (`ref_logps`),
-    computed once before the method is applied and kept in the run directory, keyed by the examples."""
-    import hashlib
-    import json
+def precompute_reference(model, data, cfg, run_dir, pad_id: int, method=None, batch_size: int = 8,
+                         sequences_of: Callable[[dict], list[dict]] = pair_sequences) -> None:
+    """Attach the base model's log pi(y|x) of each example's sequences (`sequences_of`, k per example: a pair's
+    chosen and rejected answers by default) to every train and validation example as `ref_logps` (k floats),
+    computed once before the method is applied and kept in the run directory, keyed by the model and the
+    sequences of each split. Under torchrun rank 0 computes and writes the file, then the others read it."""
     from pathlib import Path
 
-    from tunesmith.files import atomic_save_safetensors, read_safetensors
+    from tunesmith.files import atomic_save_safetensors
 
     if not uses_precomputed_reference(cfg.objective, method):
         return
     splits = {"train": data.train, "validation": data.validation}
-    key = hashlib.sha256(json.dumps([cfg.model.name_or_path, [[e["chosen_ids"], e["rejected_ids"], e["chosen_labels"],
-                                    e["rejected_labels"]] for e in data.train + data.validation]]).encode()).hexdigest()
+    key = reference_key(cfg.model.name_or_path, splits, sequences_of)
     path = Path(run_dir) / REFERENCE_FILE
-    stored = read_safetensors(path, "the reference log-probabilities") if path.is_file() else {}
-    if stored.get("key") is None or bytes(stored["key"].tolist()).decode() != key:
-        was_training = model.training
-        model.eval()
-        stored = {name: reference_table(model, examples, pad_id, batch_size) for name, examples in splits.items()}
-        stored["key"] = torch.tensor(list(key.encode()), dtype=torch.uint8)
-        atomic_save_safetensors(stored, path)
-        model.train(was_training)
+    with distributed.main_first():
+        stored = read_reference(path, key)
+        if stored is None:  # none yet, a stale one (other data or model), or a run killed before writing it
+            stored = {name: reference_table(model, examples, pad_id, batch_size, sequences_of)
+                      for name, examples in splits.items()}
+            if distributed.is_main():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_safetensors({**stored, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, path)
     for name, examples in splits.items():
         for example, logps in zip(examples, stored[name].tolist()):
             example["ref_logps"] = logps
 
 
-def reference_table(model, examples: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
-    """(len(examples), 2): log pi(chosen | x), log pi(rejected | x) of each pair under `model`."""
-    rows = [answer_logps(model, collate_pairs(examples[i : i + batch_size], pad_id))[0].view(-1, 2)
-            for i in range(0, len(examples), batch_size)]
-    return torch.cat(rows) if rows else torch.zeros((0, 2))
+def reference_key(model_name: str, splits: dict[str, list[dict]], sequences_of) -> str:
+    """sha256 of the model's name and every token id and label of each split's sequences, split by split."""
+    import hashlib
+    import json
+
+    tokens = {name: [[s["input_ids"], s["labels"]] for e in examples for s in sequences_of(e)]
+              for name, examples in splits.items()}
+    return hashlib.sha256(json.dumps([model_name, tokens]).encode()).hexdigest()
+
+
+def read_reference(path, key: str) -> dict[str, torch.Tensor] | None:
+    """The stored tables if `path` holds them for `key`, else None."""
+    from tunesmith.files import read_safetensors
+
+    if not path.is_file():
+        return None
+    stored = read_safetensors(path, "the reference log-probabilities")
+    return stored if "key" in stored and bytes(stored["key"].tolist()).decode() == key else None
+
+
+def reference_table(model, examples: list[dict], pad_id: int, batch_size: int,
+                    sequences_of: Callable[[dict], list[dict]] = pair_sequences) -> torch.Tensor:
+    """(len(examples), k): log pi(y | x) under `model` (in eval mode) of each example's k sequences."""
+    if not examples:
+        return torch.zeros((0, 1))
+    was_training = model.training
+    model.eval()
+    rows = []
+    for i in range(0, len(examples), batch_size):
+        seqs = [s for e in examples[i : i + batch_size] for s in sequences_of(e)]
+        rows.append(answer_logps(model, collate_sequences(seqs, pad_id), len(seqs))[0])
+        faults.in_reference(len(rows))  # tests: die here, before the file is written
+    model.train(was_training)
+    return torch.cat(rows).view(len(examples), -1)
 
 
 def pair_output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

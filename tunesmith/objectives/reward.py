@@ -129,16 +129,16 @@ def pair_scores(model, examples: list[dict], pad_id: int, batch_size: int = 16) 
         rewards.append(sequence_rewards(model, {k: v.to(device) for k, v in batch.items()}).view(-1, 2).cpu())
     model.train(was_training)
     r = torch.cat(rewards)
-    return {"pair_accuracy": 100.0 * float((r[:, 0] > r[:, 1]).float().mean())}
+    return {"pair_accuracy": 100.0 * int((r[:, 0] > r[:, 1]).sum()) / max(1, len(r))}
 
 
 def test_pair_scores(model, tokenizer, cfg) -> dict[str, float]:
-    """pair_scores on data.test (preference rows), encoded as the training rows are."""
+    """pair_scores on data.test (preference rows; the first eval.max_samples if set), encoded as in training."""
     from tunesmith.data.dataset import encode_rows
     from tunesmith.data.formats import validate_rows
     from tunesmith.data.readers import read_rows
 
-    rows = read_rows(cfg.data.test)
+    rows = read_rows(cfg.data.test)[: cfg.eval.max_samples or None]
     validate_rows(rows, "preference", cfg.data.test)
     stats = {"truncated": 0, "dropped": 0}
     examples = encode_rows(rows, "preference", tokenizer, cfg.data, cfg.data.test, stats, OBJECTIVE)

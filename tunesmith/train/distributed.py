@@ -114,13 +114,24 @@ class LossModule(nn.Module):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, batch: dict):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict, fn=None):
+        return (fn or self.loss_fn)(self.model, batch)
 
 
 def call_module(module: nn.Module, batch: dict):
     """The loss function the loop uses with a wrapped LossModule: the module is the loss."""
     return module(batch)
+
+
+def run_through(module: nn.Module, fn, batch: dict):
+    """fn(model, batch) for another computation than the loss (e.g. KTO's forwards without gradient before a
+    window): through the DDP or FSDP2 wrapper that `wrap` returned, whose hooks gather FSDP2's weights, or
+    fn(module, batch) for a module that is not wrapped. A collective under FSDP2: every process calls it alike."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(module, (DDP, LossModule)):
+        return module(batch, fn=fn)
+    return fn(module, batch)
 
 
 def wrap(model: nn.Module, loss_fn, method_name: str):

@@ -10,6 +10,9 @@ checkpoint. The environment says where, read once when this module is first impo
                                        micro-batches have been through forward and backward
     TUNESMITH_TEST_PAUSE_IN_SAVE=S:T   pause T seconds in the save of step S, before its marker,
                                        after touching `<checkpoint>.saving`
+    TUNESMITH_TEST_KILL_IN_REFERENCE=K SIGKILL once K batches of a split's precomputed reference
+                                       log-probabilities are done (objectives/preference.py), before
+                                       their file is written
     TUNESMITH_TEST_LOG_SAMPLES=PATH    append {"step", "micro", "rows"[, "rank"]} per micro-batch served
 
 `warn_if_armed()` runs when training starts: a variable left set in a user's shell must never
@@ -38,6 +41,7 @@ class Faults:
     kill_in_step: tuple[int, int] | None = None  # (step, micro-batches done)
     pause_in_save: tuple[int, float] | None = None  # (step, seconds)
     log_samples: str | None = None
+    kill_in_reference: int | None = None  # reference batches done
 
     @classmethod
     def from_env(cls, env) -> "Faults":
@@ -47,7 +51,7 @@ class Faults:
 
         number = lambda name: int(env[PREFIX + name]) if env.get(PREFIX + name) else None
         return cls(number("KILL_AT_STEP"), number("KILL_RANK"), pair("KILL_IN_STEP"), pair("PAUSE_IN_SAVE", float),
-                   env.get(PREFIX + "LOG_SAMPLES") or None)
+                   env.get(PREFIX + "LOG_SAMPLES") or None, number("KILL_IN_REFERENCE"))
 
     @property
     def armed(self) -> bool:
@@ -87,6 +91,11 @@ def in_window(loss_fn, step: int):
         return loss_fn(model, batch)
 
     return counted
+
+
+def in_reference(batches_done: int) -> None:
+    if ARMED.kill_in_reference == batches_done:
+        kill()
 
 
 def in_save(folder: Path, step: int) -> None:

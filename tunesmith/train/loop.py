@@ -8,6 +8,7 @@ optimizer step:
 
     window = the next grad_accum micro-batches (a pure function of seed and step)
     window = objective.rollout(model, window, step, generator(seed, step))    (online RL only)
+    window = objective.before_window(model, window)      (e.g. KTO's z0 over the window, no gradient)
     loss   = sum of the loss in the window / the objective's units in the window
     clip the gradient norm; skip the step if loss or gradient is not finite
     set lr from the schedule; optimizer step; method.after_step; log; maybe validate; maybe checkpoint
@@ -290,6 +291,8 @@ def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective,
     window = source.window(step)
     if objective.rollout is not None:
         window = objective.rollout(setup.model, window, step, rollout_generator(t.seed, step))
+    if objective.before_window is not None:  # e.g. KTO's z0: a statistic of the whole global window
+        window = objective.before_window(setup.runner, window)
     result = train_step(setup.runner, optimizer, window, t.max_grad_norm, faults.in_window(setup.loss_fn, step + 1),
                         objective)
     # loss and grad_norm are global (summed or combined over processes): every process decides alike

@@ -22,7 +22,9 @@ def held_out_score(model, examples: list[dict], batch_size: int, pad_id: int, ob
 
     Under torchrun process r scores batches r, r + world, ...; in the last round a process left
     without one runs a filler row, because FSDP2 needs every process in every forward.
-    pack_len > 0 packs each batch like training does (the same loss, less compute)."""
+    pack_len > 0 packs each batch like training does (the same loss, less compute). An objective's
+    before_window sees all the batches of all processes as one window (KTO: one z0 for the whole set),
+    so the scores do not depend on the batch size or the number of processes."""
     if not examples:
         return None
     if objective.score is not None:
@@ -30,16 +32,13 @@ def held_out_score(model, examples: list[dict], batch_size: int, pad_id: int, ob
     loss_fn = loss_fn or objective.loss
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    batches = my_batches(examples, batch_size, pad_id, objective, pack_len, next(model.parameters()).device)
+    if objective.before_window is not None:
+        batches = objective.before_window(model, batches)
     sums = {"val_loss": 0.0, **{f"val_{m}": 0.0 for m in objective.metrics}}
     units = 0
-    starts = range(0, len(examples), batch_size)
-    for first in range(0, len(starts), distributed.world()):
-        j = first + distributed.rank()
-        rows = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else [objective.filler(examples[0])]
-        batch = objective.collate(rows, pad_id, pack_len)
-        loss_sum, n, metrics = as_loss_output(loss_fn(model, {k: v.to(device) for k, v in batch.items()
-                                                              if k != "real_tokens"}))
+    for batch in batches:
+        loss_sum, n, metrics = as_loss_output(loss_fn(model, batch))
         sums["val_loss"] += float(loss_sum)
         for m in objective.metrics:
             sums[f"val_{m}"] += float(metrics.get(m, 0.0))
@@ -47,6 +46,20 @@ def held_out_score(model, examples: list[dict], batch_size: int, pad_id: int, ob
     *totals, units = distributed.sum_over_ranks(*sums.values(), units)
     model.train(was_training)
     return {k: v / max(1, units) for k, v in zip(sums, totals)}
+
+
+def my_batches(examples: list[dict], batch_size: int, pad_id: int, objective: Objective, pack_len: int,
+               device) -> list[dict]:
+    """This process's validation micro-batches on `device`: batches r, r + world, ..., and a filler where a
+    process has none left in the last round (the same number of batches on every process)."""
+    starts = range(0, len(examples), batch_size)
+    batches = []
+    for first in range(0, len(starts), distributed.world()):
+        j = first + distributed.rank()
+        rows = examples[starts[j] : starts[j] + batch_size] if j < len(starts) else [objective.filler(examples[0])]
+        batch = objective.collate(rows, pad_id, pack_len)
+        batches.append({k: v.to(device) for k, v in batch.items() if k != "real_tokens"})
+    return batches
 
 
 def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, loss_fn=None,
