@@ -163,6 +163,8 @@ def test_two_process_run_with_one_rank_killed_resumes_bit_exact(workspace):
 PREFERENCE_RUNS = {
     ("dpo", "lora"): ("preference", ("margin", "accuracy", "reward_chosen"), 1e-6),
     ("orpo", "lora"): ("preference", ("margin", "accuracy", "reward_chosen"), 1e-6),
+    ("simpo", "lora"): ("preference", ("margin", "accuracy", "reward_chosen"), 1e-6),
+    ("reward", "lora"): ("preference", ("margin", "accuracy", "reward_chosen"), 1e-5),  # the score head too, DDP
     ("kto", "lora"): ("unpaired", ("kl", "reward_desirable", "reward_undesirable"), 1e-5),
     ("kto", "full"): ("unpaired", ("kl", "reward_desirable", "reward_undesirable"), 1e-5),  # FSDP2, precomputed
 }
