@@ -120,18 +120,20 @@ def grads(windows, objective_name="dpo"):
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
     objective = get_objective(objective_name).configured(ObjectiveConfig(name=objective_name), method)
+    if objective.add_head is not None:  # the reward model's score
+        objective.add_head(model, None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, TrainConfig())
     result = train_step(model, opt, windows, 0, objective.loss, objective)
     return result, [p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo"])
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo", "reward"])
 def test_accumulation_gives_the_gradient_of_one_big_batch(name):
-    examples = pairs(8)
-    one, g1 = grads([collate_pairs(examples, 2)], name)
-    two, g2 = grads([collate_pairs(examples[:4], 2), collate_pairs(examples[4:], 2)], name)
-    eight, g8 = grads([collate_pairs([e], 2) for e in examples], name)
+    examples, collate = pairs(8), get_objective(name).collate
+    one, g1 = grads([collate(examples, 2, 10_000)], name)
+    two, g2 = grads([collate(examples[:4], 2, 0), collate(examples[4:], 2, 0)], name)
+    eight, g8 = grads([collate([e], 2, 0) for e in examples], name)
     assert len(one.metrics) == len(get_objective(name).metrics) and one.loss > 0
     for other, g in ((two, g2), (eight, g8)):
         assert abs(other.loss - one.loss) < 1e-6 and other.units == one.units == 8

@@ -1,7 +1,8 @@
 """The reward model objective on a tiny model: the reward is read where transformers' sequence classifier
-reads it, the loss starts at ln 2, accumulation changes nothing, a killed run resumes bit-exact, and the
-saved artifacts (a plain AutoModelForSequenceClassification folder, and a PEFT SEQ_CLS adapter) give
-the very rewards training computed; `tunesmith score` and `tunesmith eval` read them back."""
+reads it, the loss starts at ln 2, a killed run resumes bit-exact, and the saved artifacts (a plain
+AutoModelForSequenceClassification folder, and a PEFT SEQ_CLS adapter) give the very rewards training
+computed; `tunesmith score` and `tunesmith eval` read them back. Accumulation invariance is tested with
+the other pair objectives (test_preference_objective.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ import pytest
 import torch
 
 from conftest import assert_resumes_bit_exact, build_tiny_model, killed_after, tiny_run_files
-from tunesmith.config import MethodConfig, TrainConfig, build_config, load_config
+from tunesmith.config import MethodConfig, build_config, load_config
 from tunesmith.methods.registry import get_method
 from tunesmith.objectives.lm import IGNORE
 from tunesmith.objectives.registry import get_objective
 from tunesmith.objectives.reward import (add_score_head, collate_reward_pairs, save_sequence_classifier,
                                          sequence_rewards)
 from tunesmith.train.checkpoint import checkpoint_tensors
-from tunesmith.train.loop import train, train_step
-from tunesmith.train.optim import build_optimizer
+from tunesmith.train.loop import train
 
 PAD = 2  # the tiny model's pad id, also its end-of-turn token (as SmolLM2's)
 
@@ -98,25 +98,6 @@ def test_the_head_trains_with_any_method_and_an_untied_lm_head_is_frozen():
         add_score_head(model)
         assert model.score.weight.requires_grad and not model.lm_head.weight.requires_grad
         assert "lora_A" not in str(type(model.score))  # added after the method: never adapted itself
-
-
-def grads(windows):
-    model, _ = reward_model()
-    objective = get_objective("reward")
-    params = [p for p in model.parameters() if p.requires_grad]
-    result = train_step(model, build_optimizer(params, TrainConfig()), windows, 0, objective.loss, objective)
-    return result, [p.grad.clone() for p in params]
-
-
-def test_accumulation_gives_the_gradient_of_one_big_batch():
-    examples = pairs(8)
-    one, g1 = grads([collate_reward_pairs(examples, PAD, 10_000)])
-    two, g2 = grads([collate_reward_pairs(examples[:4], PAD), collate_reward_pairs(examples[4:], PAD)])
-    eight, g8 = grads([collate_reward_pairs([e], PAD) for e in examples])
-    for other, g in ((two, g2), (eight, g8)):
-        assert abs(other.loss - one.loss) < 1e-6 and other.units == one.units == 8
-        assert all(abs(other.metrics[k] - one.metrics[k]) < 1e-6 for k in one.metrics)
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g))
 
 
 def run(run_dir, monkeypatch, resume=False, kill_after=None):
