@@ -63,7 +63,6 @@ def bradley_terry_losses(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margi
     return losses
 
 
-
 # --- the head and where it reads ------------------------------------------------------------------------
 
 def add_score_head(model, cfg=None) -> None:
