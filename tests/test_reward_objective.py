@@ -125,10 +125,11 @@ def checkpoint_tensors_names(run_dir) -> set[str]:
     return set(read_safetensors(complete_checkpoints(run_dir)[-1] / "trainable.safetensors", "weights"))
 
 
-@pytest.mark.parametrize("method_name", ["lora", "full"])
-def test_the_train_command_exports_a_reward_model_that_scores_as_trained(tmp_path, method_name, capsys):
+@pytest.mark.parametrize("method_name, quantization", [("lora", "none"), ("full", "none"), ("lora", "nf4")])
+def test_the_train_command_exports_a_reward_model_that_scores_as_trained(tmp_path, method_name, quantization, capsys):
     """A reward run on the demo pairs: pair accuracy before and after, the reward_model folder and (lora) the
-    PEFT SEQ_CLS adapter give the rewards of the trained model; `tunesmith score` and `eval` read it back."""
+    PEFT SEQ_CLS adapter give the rewards of the trained model; `tunesmith score` and `eval` read it back.
+    Over an nf4 base the export is merged into the dequantized weights the adapter was trained against."""
     from transformers import AutoModelForSequenceClassification
 
     from tunesmith.cli import main
@@ -139,14 +140,15 @@ def test_the_train_command_exports_a_reward_model_that_scores_as_trained(tmp_pat
     run_dir = tmp_path / "run"
     overrides = [f"model.name_or_path={model_dir}", f"data.train={files['preference_train']}",
                  f"data.validation={files['preference_validation']}", f"data.test={files['preference_test']}",
-                 "objective.name=reward", f"method.name={method_name}", "train.max_steps=3", "train.batch_size=2",
+                 "objective.name=reward", f"method.name={method_name}", f"model.quantization={quantization}",
+                 "train.max_steps=3", "train.batch_size=2",
                  f"output.dir={run_dir}", "data.cache=false"]
     summary = train_command(load_config(None, overrides))
     assert summary["objective"] == "reward" and set(summary["after"]) == set(summary["before"]) == {"pair_accuracy"}
     rows, scored = score_file(str(run_dir / "reward_model"), files["preference_test"])
     assert scored["pair_accuracy"] == pytest.approx(summary["after"]["pair_accuracy"])
     assert len(rows) == 6 and all("score_chosen" in r and "score_rejected" in r for r in rows)
-    if method_name == "lora":
+    if quantization == "none" and method_name == "lora":
         from peft import PeftModel
 
         config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
