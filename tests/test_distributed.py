@@ -170,7 +170,12 @@ PREFERENCE_RUNS = {
 }
 
 
-@pytest.mark.parametrize("objective,method", list(PREFERENCE_RUNS), ids=["-".join(k) for k in PREFERENCE_RUNS])
+# ORPO and SimPO share DPO's pair plumbing without its reference: they run in make test-slow, to keep make test short.
+SLOW_RUNS = {("orpo", "lora"), ("simpo", "lora")}
+
+
+@pytest.mark.parametrize("objective,method", [pytest.param(*k, id="-".join(k), marks=[pytest.mark.slow] * (k in SLOW_RUNS))
+                                              for k in PREFERENCE_RUNS])
 def test_preference_objectives_on_two_processes_train_like_one(workspace, objective, method):
     """Pairs (or KTO's examples) split between the ranks (one rank gets a filler in the short last
     micro-batch): the same losses and metrics per step, and the same validation scores, as one process with
