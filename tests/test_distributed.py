@@ -170,8 +170,9 @@ PREFERENCE_RUNS = {
 }
 
 
-# ORPO and SimPO share DPO's pair plumbing without its reference: they run in make test-slow, to keep make test short.
-SLOW_RUNS = {("orpo", "lora"), ("simpo", "lora")}
+# make test runs DPO (the reference by switching LoRA off, under DDP) and KTO with full (FSDP2, precomputed reference,
+# z0 over both processes); the others run in make test-slow (about 20 s each), to keep make test short.
+SLOW_RUNS = {("orpo", "lora"), ("simpo", "lora"), ("kto", "lora"), ("reward", "lora")}
 
 
 @pytest.mark.parametrize("objective,method", [pytest.param(*k, id="-".join(k), marks=[pytest.mark.slow] * (k in SLOW_RUNS))
