@@ -80,20 +80,14 @@ def train(cfg: Config) -> dict:
     if not cfg.data.train:
         raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
     run_dir, model, tokenizer, data, objective = load_run(cfg)
-    score_test = test_scorer(objective, model, tokenizer, cfg)
-    before = None
-    if cfg.data.test and cfg.eval.before_after and objective.add_head is None:
-        before = cached_score(run_dir / "before.json", lambda: score_test("before")[0])
+    before = score_before(objective, model, tokenizer, cfg, run_dir) if objective.add_head is None else None
     if objective.prepare is not None:  # on the base model, before the method changes it
         from tunesmith.methods.registry import get_method
 
         objective.prepare(model, data, cfg, run_dir, tokenizer.pad_token_id, get_method(cfg.method.name))
     method, trainable, total = apply_method(model, cfg, objective)
-    if cfg.data.test and cfg.eval.before_after and objective.add_head is not None:
-        # the method computes the base model until trained; the head is as initialised
-        before = cached_score(run_dir / "before.json", lambda: score_test("before")[0])
-    if before is not None:
-        log.info("before fine-tuning: %s", _fmt(before))
+    if objective.add_head is not None:  # the method computes the base model until trained; the head is fresh
+        before = score_before(objective, model, tokenizer, cfg, run_dir)
     objective = objective.configured(cfg.objective, method)  # e.g. DPO's reference: the method switched off
     started = time.time()
     model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id)
@@ -148,6 +142,15 @@ def load_run(cfg: Config):
     data = prepare_datasets(cfg.data, tokenizer, cfg.train.seed, cfg.objective.name)
     log.info("data: %s", data.describe())
     return run_dir, model, tokenizer, data, get_objective(data.objective)  # auto is resolved by the format now
+
+
+def score_before(objective, model, tokenizer, cfg: Config, run_dir: Path) -> dict | None:
+    """The test split's scores before fine-tuning (once per run directory), if there is a test split to score."""
+    if not (cfg.data.test and cfg.eval.before_after):
+        return None
+    before = cached_score(run_dir / "before.json", lambda: test_scorer(objective, model, tokenizer, cfg)("before")[0])
+    log.info("before fine-tuning: %s", _fmt(before))
+    return before
 
 
 def test_scorer(objective, model, tokenizer, cfg: Config):
