@@ -1,6 +1,6 @@
-"""QLoRA memory: bytes of the default model's weights per format, and peak RSS of LoRA vs QLoRA training.
+"""QLoRA memory: bytes of the default model's weights per format, and the whole-run peak RSS of training.
 
-    .venv/bin/python bench/qlora_memory.py [--steps 10] [--no-train]
+    .venv/bin/python bench/qlora_memory.py [--no-train] [--only short|long|1b] [--steps 4]
 
 Weights: SmolLM2-135M-Instruct loaded by tunesmith.models.loading with ModelConfig() (fp32), with
 dtype=bfloat16, and with quantization int8, nf4 without and with double quantization. Bytes are
@@ -11,12 +11,17 @@ bitsandbytes' packed quant-state record; for int8 the int8 weights and one fp32 
 Bits per parameter divide by the (out x in) count of the quantized layers; "whole model" adds
 embeddings (tied to the output head, counted once) and norms, which stay fp32 (bf16 in the bf16 row).
 
-Training: the demo's settings (r 16 on all linear layers, batch 8, max_seq_len 256, lr 5e-4,
-seed 0) on the demo data, `--steps` optimizer steps, LoRA over fp32 vs LoRA over NF4 (double
-quant), each in a fresh process with glibc's mmap threshold fixed at 64 KiB so freed tensors leave
-RSS. Reported: RSS once the model is loaded (and quantized), the peak RSS over the training steps
-(VmHWM reset through /proc/self/clear_refs just before them), the process's overall peak (loading
-included: the model is read in fp32 before it is quantized), and seconds per step.
+Training, as a user runs it: `python -m tunesmith train` with the demo config (r 16 on all linear
+layers, lr 5e-4, seed 0) on the demo data (validation: 8 rows), `--steps` steps, each run a fresh
+process with nothing tuned (default malloc, default threads). The whole process's peak RSS is the
+kernel's (ru_maxrss from wait4); "model" and "peak after loading" are read from the run's log
+(models/loading.py states both). Runs:
+  short  batch 2, max_seq_len 96: the weights dominate (the issue's measurement, LoRA 1,283 MiB);
+  long   batch 8, max_seq_len 256 (the demo's): the activations dominate;
+  1b     a synthetic 1.07B-parameter Llama (bench/synthetic_llama.py, SmolLM2's tokenizer), batch 1,
+         max_seq_len 64: LoRA over the fp32 base against QLoRA.
+each with LoRA over the fp32 base, QLoRA over nf4, nf4 + double quantization, and nf4 + double
+quantization with paged 8-bit AdamW (the 1b runs: LoRA and nf4 + double quantization).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # synthetic_llama
 FORMATS = {  # label -> ModelConfig overrides
     "fp32": {},
     "bf16": {"dtype": "bfloat16"},
@@ -38,13 +44,6 @@ FORMATS = {  # label -> ModelConfig overrides
     "nf4": {"quantization": "nf4", "double_quant": False},
     "nf4 + double quant": {"quantization": "nf4", "double_quant": True},
 }
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def block_linears() -> tuple[list[str], int]:
@@ -83,53 +82,73 @@ def weight_bytes(overrides: dict, layers: list[str], params: int) -> dict:
             "bits": 8 * linear_bytes / params, "total": total}
 
 
-def train_worker(quantization: str, steps: int, data_dir: Path) -> dict:
+RUNS = {  # label -> overrides of the demo config
+    "LoRA (fp32 base)": [],
+    "QLoRA nf4": ["model.quantization=nf4", "model.double_quant=false"],
+    "QLoRA nf4 + double quant": ["model.quantization=nf4"],
+    "QLoRA nf4 + dq + paged 8-bit AdamW": ["model.quantization=nf4", "train.optimizer=paged_adamw_8bit"],
+}
+SHAPES = {  # run length -> (overrides, runs)
+    "short": (["train.batch_size=2", "data.max_seq_len=96"], list(RUNS)),
+    "long": (["train.batch_size=8", "data.max_seq_len=256"], list(RUNS)),
+    "1b": (["train.batch_size=1", "data.max_seq_len=64"], ["LoRA (fp32 base)", "QLoRA nf4 + double quant"]),
+}
+
+
+def run_train(overrides: list[str], data: Path) -> dict:
+    """One `tunesmith train` in a fresh process: its whole-process peak RSS, and what its log says about memory."""
+    from tunesmith.commands.train import DEMO_CONFIG
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "tunesmith", "train", str(DEMO_CONFIG), f"data.train={data / 'train.jsonl'}",
+               f"data.validation={data / 'validation-8.jsonl'}", "train.save_every=0", "train.eval_every=0",
+               f"output.dir={out}", *overrides]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            sys.exit(log[-3000:])
+        losses = [json.loads(l)["loss"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(l)]
+    model = re.search(r"model in memory: (\d+) MiB", log)
+    loaded = re.search(r"peak RSS so far (\d+) MiB", log)
+    return {"peak_mib": usage.ru_maxrss / 1024, "model_mib": int(model[1]) if model else None,
+            "load_peak_mib": int(loaded[1]) if loaded else None, "last_loss": losses[-1] if losses else None}
+
+
+def synthetic_1b(folder: Path) -> None:
+    """bench/synthetic_llama.py's 1b shapes, with the default model's tokenizer (vocabulary 49,152)."""
+    import shutil
+
     import torch
 
-    from tunesmith.commands.train import DEMO_CONFIG
-    from tunesmith.config import load_config
-    from tunesmith.data.dataset import prepare_datasets
-    from tunesmith.methods.registry import get_method
-    from tunesmith.models.loading import load_model_and_tokenizer
-    from tunesmith.train.loop import train as train_loop
+    from synthetic_llama import SIZES, write_random_llama
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.loading import resolve_model_folder
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(DEMO_CONFIG, [f"data.train={data_dir / 'train.jsonl'}",
-                                        f"data.validation={data_dir / 'validation.jsonl'}",
-                                        f"model.quantization={quantization}", f"train.max_steps={steps}",
-                                        "train.save_every=0", "train.eval_every=0", f"output.dir={run_dir}"])
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
-        load_peak = rss_kib("VmHWM")
-        data = prepare_datasets(cfg.data, tokenizer, cfg.train.seed)
-        data.validation = data.validation[:8]  # the loop validates at the end; keep that short
-        method = get_method(cfg.method.name)
-        torch.manual_seed(cfg.train.seed)
-        method.apply(model, cfg.method)
-        loaded = rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-        started = time.time()
-        train_loop(model, data.train, data.validation, cfg, Path(run_dir), tokenizer.pad_token_id,
-                   param_groups=method.param_groups(model, cfg.method), after_step=method.after_step)
-        seconds = time.time() - started
-        train_peak = rss_kib("VmHWM")  # since the reset; the kernel's peak (ru_maxrss) was reset with it
-        losses = [json.loads(l)["loss"] for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(l)]
-    return {"quantization": quantization, "loaded_mib": loaded / 1024, "train_peak_mib": train_peak / 1024,
-            "process_peak_mib": max(load_peak, train_peak) / 1024,
-            "s_per_step": seconds / steps, "last_loss": losses[-1] if losses else None}
+    write_random_llama(folder, **SIZES["1b"], dtype=torch.float32)
+    for path in resolve_model_folder(ModelConfig()).iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, folder / path.name)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--no-train", action="store_true", help="only the weight bytes")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(train_worker(args.worker, args.steps, Path(args.data))))
-        return
+def training_table(shape: str, steps: int, data: Path, model_dir: Path | None, picked: list[int] | None) -> None:
+    overrides, labels = SHAPES[shape]
+    labels = [labels[i] for i in picked] if picked else labels
+    overrides = [*overrides, f"train.max_steps={steps}"]
+    if model_dir is not None:
+        overrides.append(f"model.name_or_path={model_dir}")
+    rows = {label: run_train([*overrides, *RUNS[label]], data) for label in labels}
+    lora = rows["LoRA (fp32 base)"]["peak_mib"] if "LoRA (fp32 base)" in rows else float("nan")
+    print(f"\n{shape}: {' '.join(overrides)}\n")
+    print("| run | model (MiB) | peak after loading (MiB) | whole-run peak RSS (MiB) | vs LoRA | last loss |")
+    print("|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['model_mib']} | {r['load_peak_mib']} | {r['peak_mib']:.0f} | "
+              f"{r['peak_mib'] / lora:.2f}x | {r['last_loss']:.4f} |")
 
+
+def weights_table() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -143,30 +162,36 @@ def main() -> None:
         print(f"| {label} | {r['weights'] / 2**20:.1f} | {r['stats'] / 2**20:.2f} | {r['bits']:.3f} | "
               f"{r['total'] / 2**20:.1f} |")
     print(f"\n({r['params']:,} parameters in the block linears)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-train", action="store_true", help="only the weight bytes")
+    parser.add_argument("--no-weights", action="store_true", help="only the training runs")
+    parser.add_argument("--only", choices=list(SHAPES), help="one of the training tables")
+    parser.add_argument("--runs", type=lambda v: [int(i) for i in v.split(",")],
+                        help="some rows of the table only, by index (0,1: LoRA and QLoRA nf4): shorter commands")
+    args = parser.parse_args()
+
+    if not args.no_weights:
+        weights_table()
     if args.no_train:
         return
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        from tunesmith.data.demo import write_demo
+    from tunesmith.data.demo import write_demo
 
-        write_demo(Path(tmp))
-        for quantization in ("none", "nf4"):
-            cmd = [sys.executable, __file__, "--worker", quantization, "--steps", str(args.steps), "--data", tmp]
-            # a fixed mmap threshold: freed tensors go back to the OS, so RSS follows the live tensors
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-            if proc.returncode != 0:
-                sys.exit(proc.stderr)
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"\nTraining, demo settings (r 16, all linear layers, batch 8, fp32 compute), {args.steps} steps\n")
-    print("| run | RSS after loading (MiB) | peak RSS while training (MiB) | process peak (MiB) | s/step | "
-          "last loss |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        label = "LoRA (fp32 base)" if r["quantization"] == "none" else "QLoRA (NF4 + double quant base)"
-        print(f"| {label} | {r['loaded_mib']:.0f} | {r['train_peak_mib']:.0f} | {r['process_peak_mib']:.0f} | "
-              f"{r['s_per_step']:.1f} | {r['last_loss']:.4f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        write_demo(data)
+        lines = (data / "validation.jsonl").read_text().splitlines(keepends=True)
+        (data / "validation-8.jsonl").write_text("".join(lines[:8]))  # the loop validates at the end: keep it short
+        for shape in [args.only] if args.only else list(SHAPES):
+            model_dir = None
+            if shape == "1b":
+                model_dir = data / "synthetic-1b"
+                synthetic_1b(model_dir)
+            training_table(shape, args.steps, data, model_dir, args.runs)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,30 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     folder = resolve_model_folder(cfg)
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: Python code shipped with %s will run.", folder)
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for a 0.1 s load is noise; ours cover the long work
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     pickled = not any(folder.glob("*.safetensors"))  # reached only with model.allow_pickle=true
+    model = None
+    if cfg.quantization != "none" and not pickled:
+        # QLoRA's base, quantized tensor by tensor as it is read: the float model never exists (streaming.py)
+        from tunesmith.models.streaming import load_quantized
+
+        model = load_quantized(folder, dtype, cfg.quantization, cfg.double_quant, cfg.compute_dtype, device,
+                               cfg.trust_remote_code)
+    if model is None:
+        model = load_full_precision(folder, cfg, dtype, pickled, device)
+    model.to(device)
+    model.eval()
+    log_memory(model, device)
+    return model, tokenizer
+
+
+def load_full_precision(folder: Path, cfg: ModelConfig, dtype: torch.dtype, pickled: bool, device: torch.device):
+    """from_pretrained in `dtype`, then (model.quantization) every block linear quantized in place."""
+    from transformers import AutoModelForCausalLM
+
     try:
         # transformers 5.x unpickles .bin via torch.load, passing weights_only (default True)
         # (modeling_utils.load_state_dict); we pass it anyway so no default change can unpickle code.
@@ -93,9 +111,42 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
         if cfg.quantization != "none":
             quantize_model(model, cfg.quantization, cfg.double_quant, cfg.compute_dtype, device)
         no_cpu_repacking(model)
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return model
+
+
+def log_memory(model, device: torch.device) -> None:
+    """What the model holds (its quantized linears apart), and the process's peak RSS so far, loading included:
+    the numbers QLoRA exists to cut. (A full-precision base may still be mapped from its file, unread.)"""
+    from tunesmith.models.quantize import is_quantized_linear
+
+    quantized = {name for name, m in model.named_modules() if is_quantized_linear(m)}
+    seen, total, packed = set(), 0, 0
+    for key, t in model.state_dict().items():
+        if not torch.is_tensor(t) or (t.device, t.untyped_storage().data_ptr()) in seen:
+            continue  # a tied output head shares the embeddings' storage
+        seen.add((t.device, t.untyped_storage().data_ptr()))
+        total += t.numel() * t.element_size()
+        if ".weight" in key and key.partition(".weight")[0] in quantized:  # packed weight and its statistics
+            packed += t.numel() * t.element_size()
+    held = f"{len(quantized)} quantized linears {packed / 2**20:.0f} MiB, the rest {(total - packed) / 2**20:.0f} MiB"
+    peak = f"peak RSS so far {peak_rss_mib():.0f} MiB"
+    if device.type == "cuda":
+        peak += f", peak CUDA memory allocated {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    log.info("model in memory: %.0f MiB%s; %s (loading included)", total / 2**20,
+             f" ({held})" if quantized else "", peak)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):

@@ -16,6 +16,10 @@ quantized again to 8 bits in blocks of 256, with one fp32 constant c1 per block:
 int8 (LLM.int8(), Dettmers et al. 2022, arXiv:2208.07339): one fp32 scale per output row, 8 bits
 per weight; at inference, input features above threshold 6 are multiplied in 16-bit.
 
+Where: loading with model.quantization set (models/loading.py) goes through models/streaming.py, which
+reads the checkpoint tensor by tensor and calls `quantized_copy` on each block linear as it arrives, so
+the float model never exists; `quantize_model` does the same swap on a model already in memory.
+
 What is quantized: every nn.Linear of the transformer blocks. Embeddings, norms and the output
 head (also when it is tied to the embeddings) keep model.dtype, as in transformers' integration.
 
@@ -84,8 +88,8 @@ def quantizable_linears(model: nn.Module) -> list[str]:
             and uses[id(m.weight)] == 1]
 
 
-def _quantized_copy(linear: nn.Linear, quantization: str, double_quant: bool, compute_dtype: torch.dtype,
-                    device: torch.device) -> nn.Linear:
+def quantized_copy(linear: nn.Linear, quantization: str, double_quant: bool, compute_dtype: torch.dtype,
+                   device: torch.device) -> nn.Linear:
     """A bitsandbytes layer holding `linear`'s weight quantized on `device` (as replace_with_bnb_linear)."""
     bnb = require_bitsandbytes()
     bias = linear.bias is not None
@@ -134,7 +138,7 @@ def quantize_model(model: nn.Module, quantization: str, double_quant: bool = Tru
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
-        q = _quantized_copy(linear, quantization, double_quant, dtype, device)
+        q = quantized_copy(linear, quantization, double_quant, dtype, device)
         before += linear.weight.numel() * linear.weight.element_size()
         after += sum(t.numel() * t.element_size() for t in q.state_dict().values() if torch.is_tensor(t))
         setattr(parent, attr, q)
