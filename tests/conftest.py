@@ -85,6 +85,19 @@ def build_tiny_model(vocab_size: int = 320, seed: int = 0, layers: int = 2, tie:
     return model
 
 
+def lora_model():
+    """The tiny model with LoRA r 4 (alpha 8, no dropout) on its default targets, initialised from seed 0; B = 0,
+    so it computes the base model until trained. Returns (model, the lora method)."""
+    from tunesmith.config import MethodConfig
+    from tunesmith.methods.registry import get_method
+
+    model = build_tiny_model()
+    method = get_method("lora")
+    torch.manual_seed(0)
+    method.apply(model, MethodConfig(r=4, alpha=8, dropout=0.0))
+    return model, method
+
+
 def tiny_run_files(root, n_train: int, n_validation: int, n_test: int):
     """For tests that run the CLI: the tiny model and tokenizer saved in root/tiny-model, and demo data
     (seed 1) in root/data. Returns (model folder, {split: path})."""

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_resumes_bit_exact, build_tiny_model, build_tiny_tokenizer, killed_after
+from conftest import assert_resumes_bit_exact, build_tiny_model, build_tiny_tokenizer, killed_after, lora_model
 from tunesmith.config import MethodConfig, ObjectiveConfig, TrainConfig, build_config
 from tunesmith.data.preference import encode_unpaired
 from tunesmith.methods.registry import get_method
@@ -78,14 +78,6 @@ def test_a_lone_example_is_its_own_partner_and_unprepared_examples_are_refused()
     raw = [{k: v for k, v in e.items() if not k.startswith("kl_")} for e in examples(2)]
     with pytest.raises(ValueError, match="prepare step"):
         collate_unpaired(raw, 2)
-
-
-def lora_model():
-    model = build_tiny_model()
-    method = get_method("lora")
-    torch.manual_seed(0)
-    method.apply(model, MethodConfig(r=4, alpha=8, dropout=0.0))
-    return model, method
 
 
 def kto(method=None, **options):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_resumes_bit_exact, build_tiny_model, killed_after
+from conftest import assert_resumes_bit_exact, build_tiny_model, killed_after, lora_model
 from tunesmith.config import ObjectiveConfig, build_config
 from tunesmith.methods.registry import get_method
 from tunesmith.objectives.lm import IGNORE
@@ -62,14 +62,6 @@ def test_answer_logps_equal_each_sequence_alone(pack_len):
     got, counts = answer_logps(model, batch)
     assert torch.allclose(got, expected, atol=1e-5)
     assert counts.tolist() == [len(e[k + "_ids"]) - e["prompt_len"] for e in examples for k in ("chosen", "rejected")]
-
-
-def lora_model():
-    model = build_tiny_model()
-    method = get_method("lora")
-    torch.manual_seed(0)
-    method.apply(model, MethodConfig(r=4, alpha=8, dropout=0.0))
-    return model, method
 
 
 def dpo(method=None, **options):
