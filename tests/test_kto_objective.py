@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_resumes_bit_exact, build_tiny_model, build_tiny_tokenizer, killed_after, lora_model
-from tunesmith.config import MethodConfig, ObjectiveConfig, TrainConfig, build_config
+from tunesmith.config import ObjectiveConfig, TrainConfig, build_config
 from tunesmith.data.preference import encode_unpaired
 from tunesmith.methods.registry import get_method
 from tunesmith.objectives.kto import assign_kl_partners, batch_kl, collate_unpaired, filler, kto_losses

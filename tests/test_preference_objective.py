@@ -20,7 +20,7 @@ from tunesmith.objectives.registry import get_objective
 from tunesmith.train.checkpoint import checkpoint_tensors
 from tunesmith.train.loop import train, train_step
 from tunesmith.train.optim import build_optimizer
-from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.config import TrainConfig
 
 
 def pairs(n: int, seed: int = 0) -> list[dict]:
