@@ -20,8 +20,9 @@ kernel's (ru_maxrss from wait4); "model" and "peak after loading" are read from 
   long   batch 8, max_seq_len 256 (the demo's): the activations dominate;
   1b     a synthetic 1.07B-parameter Llama (bench/synthetic_llama.py, SmolLM2's tokenizer), batch 1,
          max_seq_len 64: LoRA over the fp32 base against QLoRA.
-each with LoRA over the fp32 base, QLoRA over nf4, nf4 + double quantization, and nf4 + double
-quantization with paged 8-bit AdamW (the 1b runs: LoRA and nf4 + double quantization).
+each with LoRA over the fp32 base (without and with activation checkpointing), QLoRA over nf4 (without
+checkpointing, then as a user gets it: checkpointing on by default), nf4 + double quantization, and nf4 +
+double quantization with paged 8-bit AdamW (the 1b runs: both LoRA rows and nf4 + double quantization).
 """
 
 from __future__ import annotations
@@ -82,8 +83,13 @@ def weight_bytes(overrides: dict, layers: list[str], params: int) -> dict:
             "bits": 8 * linear_bytes / params, "total": total}
 
 
-RUNS = {  # label -> overrides of the demo config
+# label -> overrides of the demo config. Each run as a user gets it: train.gradient_checkpointing is auto, on
+# over a quantized base and off otherwise; the "no ckpt" and "+ ckpt" rows set it the other way, so the table
+# also compares like with like.
+RUNS = {
     "LoRA (fp32 base)": [],
+    "LoRA (fp32 base) + ckpt": ["train.gradient_checkpointing=true"],
+    "QLoRA nf4 no ckpt": ["model.quantization=nf4", "model.double_quant=false", "train.gradient_checkpointing=false"],
     "QLoRA nf4": ["model.quantization=nf4", "model.double_quant=false"],
     "QLoRA nf4 + double quant": ["model.quantization=nf4"],
     "QLoRA nf4 + dq + paged 8-bit AdamW": ["model.quantization=nf4", "train.optimizer=paged_adamw_8bit"],
@@ -91,7 +97,8 @@ RUNS = {  # label -> overrides of the demo config
 SHAPES = {  # run length -> (overrides, runs)
     "short": (["train.batch_size=2", "data.max_seq_len=96"], list(RUNS)),
     "long": (["train.batch_size=8", "data.max_seq_len=256"], list(RUNS)),
-    "1b": (["train.batch_size=1", "data.max_seq_len=64"], ["LoRA (fp32 base)", "QLoRA nf4 + double quant"]),
+    "1b": (["train.batch_size=1", "data.max_seq_len=64"],
+           ["LoRA (fp32 base)", "LoRA (fp32 base) + ckpt", "QLoRA nf4 + double quant"]),
 }
 
 
@@ -145,7 +152,7 @@ def training_table(shape: str, steps: int, data: Path, model_dir: Path | None, p
     print("|---|---|---|---|---|---|")
     for label, r in rows.items():
         print(f"| {label} | {r['model_mib']} | {r['load_peak_mib']} | {r['peak_mib']:.0f} | "
-              f"{r['peak_mib'] / lora:.2f}x | {r['last_loss']:.4f} |")
+              f"{r['peak_mib'] / lora:.2f}x | {r['last_loss']:.4f} |", flush=True)
 
 
 def weights_table() -> None:
@@ -171,7 +178,7 @@ def main() -> None:
     parser.add_argument("--no-weights", action="store_true", help="only the training runs")
     parser.add_argument("--only", choices=list(SHAPES), help="one of the training tables")
     parser.add_argument("--runs", type=lambda v: [int(i) for i in v.split(",")],
-                        help="some rows of the table only, by index (0,1: LoRA and QLoRA nf4): shorter commands")
+                        help="some rows of the table only, by index (0,3: LoRA and QLoRA nf4): shorter commands")
     args = parser.parse_args()
 
     if not args.no_weights:

@@ -83,3 +83,18 @@ def test_loop_trains_alike_and_switches_it_off_after(tmp_path):
     assert torch.allclose(torch.tensor(runs[True][1]), torch.tensor(runs[False][1]), atol=1e-6)
     for (name, a), b in zip(runs[False][0].named_parameters(), runs[True][0].parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_auto_is_on_over_a_quantized_base_only():
+    """The default (auto) checkpoints a QLoRA run, whose point is memory, and nothing else; an explicit
+    setting wins either way."""
+    from tunesmith.config import Config
+    from tunesmith.train.recompute import wants_checkpointing
+
+    def resolved(quantization: str, setting) -> bool:
+        return wants_checkpointing(Config(model={"quantization": quantization},
+                                          train={"gradient_checkpointing": setting}))
+
+    assert Config().train.gradient_checkpointing == "auto"
+    assert [resolved(q, "auto") for q in ("none", "nf4", "fp4", "int8")] == [False, True, True, True]
+    assert resolved("nf4", False) is False and resolved("none", True) is True

@@ -246,8 +246,8 @@ class TrainConfig(Section):
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in output.dir.")
     max_bad_steps: int = Field(5, ge=1, description="Abort after this many non-finite steps in a row.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
-    gradient_checkpointing: bool = Field(
-        False,
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
         description="Activation checkpointing: each decoder layer keeps only its input and recomputes the rest in "
         "backward, so far less memory is kept for backward at the cost of one more forward per layer (measured in "
         "docs/speed.md). For batches or sequence lengths that do not fit otherwise; same gradients.",

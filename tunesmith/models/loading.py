@@ -255,21 +255,14 @@ def cached_gguf_conversion(gguf_path: Path, name: str) -> Path:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantize `gguf_path` into the folder `target` (written under a temporary name, then renamed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize `gguf_path` into the folder `target` (written under a temporary name, then renamed), one
+    tensor in memory at a time (models/gguf_convert.py)."""
+    from tunesmith.models.gguf_convert import convert_gguf_streaming
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
-    # already dequantized to fp32, so clearing the marker is truthful.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    convert_gguf_streaming(gguf_path, tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)

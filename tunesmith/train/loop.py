@@ -50,7 +50,7 @@ from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete
                                        save_checkpoint)
 from tunesmith.train.compile import compile_layers, uncompile_layers
 from tunesmith.train.optim import build_optimizer, lr_at, set_lr
-from tunesmith.train.recompute import disable_checkpointing, enable_checkpointing
+from tunesmith.train.recompute import disable_checkpointing, enable_checkpointing, wants_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def training_setup(model, cfg: Config, loss_fn: LossFn, objective: Objective) ->
             before = use_varlen_attention(model)
             undo.callback(restore_attention, model, before)
             pack_len = packed_row_length(model, cfg)
-        if t.gradient_checkpointing:
+        if wants_checkpointing(cfg):
             enable_checkpointing(model)
             undo.callback(disable_checkpointing, model)
         if t.compile:

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 NON_REENTRANT = {"use_reentrant": False}
 
 
+def wants_checkpointing(cfg) -> bool:
+    """train.gradient_checkpointing resolved: auto means on over a quantized base (QLoRA trades speed for
+    memory throughout: docs/qlora.md measures it), off otherwise."""
+    setting = cfg.train.gradient_checkpointing
+    return cfg.model.quantization != "none" if setting == "auto" else bool(setting)
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Checkpoint every decoder layer of a transformers model, non-reentrant."""
     if not getattr(model, "supports_gradient_checkpointing", False):
