@@ -24,7 +24,9 @@ OPTIONAL_IMPORTS = {
     ("tunesmith/methods/peft_bridge.py", "peft"): "peft",  # method.name=peft only
 }
 
-# Runtime needs that no tunesmith file imports: package -> why it is needed.
+# Runtime needs of the libraries tunesmith calls, which the import scan cannot see: package -> why it is
+# needed. (tunesmith now imports accelerate itself too, in models/streaming.py and models/gguf_convert.py, but
+# transformers would need it even if those imports went.)
 INDIRECT_RUNTIME = {
     "accelerate": "transformers loads a GGUF file (the built-in model ships as one) only with accelerate",
 }
