@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,9 +208,29 @@ def test_nf4_load_of_a_213m_model_holds_no_float_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_nf4_load_of_a_1b_model_peaks_under_half_an_fp32_load(tmp_path):
-    """1.07B parameters (4.3 GB in fp32), 4 shards (~50 s): measured nf4 1417 MiB, fp32 4483 MiB."""
+def test_nf4_load_of_a_1b_model_peaks_under_half_an_fp32_load_and_trains_in_2_5_gib(tmp_path):
+    """1.07B parameters (4.3 GB in fp32), 4 shards (~50 s): measured nf4 1417 MiB, fp32 4483 MiB. Then two
+    QLoRA steps of `tunesmith train` on it (batch 2 of short rows) peak under 2.5 GiB of RSS, the whole process:
+    less than the fp32 weights alone (an fp32 LoRA run of this model peaks at 5.0 GiB, docs/qlora.md)."""
     r, _ = check_load_memory(tmp_path, "1b")
     fp32 = measure_load(tmp_path / "1b", "none")
     print(f"1b: fp32 load peak {fp32['peak'] / 2**20:.0f} MiB; nf4 / fp32 = {r['peak'] / fp32['peak']:.2f}")
     assert r["peak"] < 0.5 * fp32["peak"]
+
+    rows = "".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("yes", "no", "maybe", "ok"))
+    data = {"train": tmp_path / "train.jsonl", "validation": tmp_path / "validation.jsonl"}
+    data["train"].write_text(rows)
+    data["validation"].write_text(rows)  # short rows: the memory is the weights', and a 1B step on 2 cores is slow
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(ROOT / "tunesmith/configs/demo.yaml"),
+                             f"model.name_or_path={tmp_path / '1b'}", "model.quantization=nf4",
+                             f"data.train={data['train']}", f"data.validation={data['validation']}",
+                             "data.format=prompt_completion", "train.batch_size=2", "train.max_steps=2",
+                             f"output.dir={tmp_path / 'run'}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS, from the kernel
+    assert status == 0, log[-3000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    peak = usage.ru_maxrss * 1024
+    print(f"1b: QLoRA train peak {peak / 2**20:.0f} MiB")
+    assert peak < 2.5 * 2**30 and peak < fp32["model"]
