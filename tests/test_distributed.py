@@ -116,6 +116,7 @@ def test_ddp_two_processes_train_like_one_with_twice_the_batch(workspace):
     assert [] in by_micro.values()  # the short last micro-batch of an epoch left one process without a row
 
 
+@pytest.mark.slow  # ~36 s: make test keeps the DDP and DPO two-process runs; kill and resume under torchrun here
 def test_fsdp2_full_fine_tuning_killed_and_resumed_matches_one_process(workspace):
     """method full (FSDP2): two processes, rank 0 killed after step 3 and the run resumed from step 2, end with
     the weights of one uninterrupted process with twice the batch."""
@@ -137,6 +138,7 @@ def test_fsdp2_full_fine_tuning_killed_and_resumed_matches_one_process(workspace
     assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-6)
 
 
+@pytest.mark.slow  # ~33 s
 def test_two_process_run_with_one_rank_killed_resumes_bit_exact(workspace):
     """LoRA with dropout (DDP): rank 1 SIGKILLed after step 3, torchrun ends the job, train.resume=true on two
     processes ends bit-identical to the uninterrupted two-process run, each process with its own RNG restored."""
@@ -172,7 +174,7 @@ PREFERENCE_RUNS = {
 
 # make test runs DPO (the reference by switching LoRA off, under DDP) and KTO with full (FSDP2, precomputed reference,
 # z0 over both processes); the others run in make test-slow (about 20 s each), to keep make test short.
-SLOW_RUNS = {("orpo", "lora"), ("simpo", "lora"), ("kto", "lora"), ("reward", "lora")}
+SLOW_RUNS = {("orpo", "lora"), ("simpo", "lora"), ("kto", "lora"), ("kto", "full"), ("reward", "lora")}
 
 
 @pytest.mark.parametrize("objective,method", [pytest.param(*k, id="-".join(k), marks=[pytest.mark.slow] * (k in SLOW_RUNS))

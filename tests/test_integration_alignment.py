@@ -38,6 +38,7 @@ def last_validation(run_dir) -> dict:
     return [r for r in records if "val_loss" in r][-1]
 
 
+@pytest.mark.slow  # ~50 s: make test keeps the DPO run on the default model
 def test_a_reward_model_ranks_held_out_pairs(tmp_path, demo_pairs):
     """>= 90% of the 40 held-out test pairs get the higher reward on the chosen answer (the base model with the fresh
     head: 40%, measured once and left out here to keep the test short)."""

@@ -163,6 +163,7 @@ def test_sigkill_at_random_instants_resumes_bit_exact(workspace, reference):
     assert run.trained()[0] == straight_samples
 
 
+@pytest.mark.slow  # ~33 s: make test keeps the random SIGKILLs above
 def test_resume_at_awkward_points_replays_the_same_samples(workspace, reference):
     """One run killed (TUNESMITH_TEST_KILL_AT_STEP) mid-epoch, exactly at an epoch end, just after it,
     and inside an accumulation window (TUNESMITH_TEST_KILL_IN_STEP), resumed each time."""

@@ -65,6 +65,7 @@ def test_train_writes_every_artifact(workspace):
     assert "before" in report and "after" in report
 
 
+@pytest.mark.slow  # ~20 s: test_reliability's random SIGKILLs cover the same in make test
 def test_killed_run_resumes_bit_exact(workspace):
     root, config = workspace
     straight, killed = root / "straight", root / "killed"
@@ -101,6 +102,7 @@ def test_help_documents_options():
         assert run_cli(command, "--help").stdout.startswith("usage:")
 
 
+@pytest.mark.slow  # ~22 s
 def test_kill_during_save_keeps_previous_checkpoint(workspace):
     """SIGKILL while step-4 is being written: step-2 survives intact and resume ignores the partial save."""
     import time
