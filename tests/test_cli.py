@@ -16,12 +16,12 @@ from tunesmith.commands.infer import GenerateConfig
 FLAGS = {  # subcommand -> what its --help must list
     "train": ["config", "overrides", "train.max_steps", "method.target_modules"],
     "demo": ["overrides", "--out"],
-    "eval": ["config", "overrides", "--adapter", "data.test"],
+    "eval": ["config", "overrides", "--adapter", "--base", "data.test", "eval.metrics"],
     "generate": ["prompt", "--model", "--adapter", "--max-new-tokens", "--system", "--quantization", "--config"],
     "chat": ["--model", "--adapter", "--max-new-tokens", "--system", "--quantization", "--config"],
     "merge": ["--adapter", "--out", "--model", "--quantization", "--config"],
     "quantize": ["--model", "--out", "--bits", "--quant-type", "--no-double-quant", "--config"],
-    "data demo": ["--out", "--seed", "--variant"],
+    "data demo": ["--out", "--seed", "--task", "--variant"],
     "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
 }
 

@@ -412,12 +412,13 @@ def test_generate_and_chat_use_the_quantized_base_of_a_qlora_run(tmp_path, base_
 def test_eval_with_a_qlora_adapter_uses_its_quantized_base_unless_the_config_says(tmp_path, base_dir, monkeypatch,
                                                                                    override, quantized):
     from tunesmith.commands import infer
+    from tunesmith.evaluate.metrics.scoring import Evaluation
 
     run_dir = tmp_path / "run"
     qlora_run(run_dir, base_dir)
     (tmp_path / "test.jsonl").write_text('{"prompt": "hi", "completion": "there"}\n')
     scored = []
-    monkeypatch.setattr(infer, "score_test_set", lambda model, *args: scored.append(model) or {})
+    monkeypatch.setattr(infer, "score_test_set", lambda model, *args: scored.append(model) or Evaluation({}))
     cfg = load_config(None, [f"model.name_or_path={base_dir}", f"data.test={tmp_path / 'test.jsonl'}", *override])
     infer.evaluate(cfg, str(run_dir / "adapter"))
     assert (scored[0].model.layers[0].mlp.up_proj.quantized_base is not None) == quantized

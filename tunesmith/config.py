@@ -250,7 +250,8 @@ class TrainConfig(Section):
         "auto",
         description="Activation checkpointing: each decoder layer keeps only its input and recomputes the rest in "
         "backward, so far less memory is kept for backward at the cost of one more forward per layer (measured in "
-        "docs/speed.md). For batches or sequence lengths that do not fit otherwise; same gradients.",
+        "docs/speed.md); same gradients. auto: on over a quantized base (model.quantization, QLoRA: a run chosen "
+        "for memory, as peft's prepare_model_for_kbit_training and the QLoRA paper do), off otherwise.",
     )
     compile: bool = Field(
         False,
@@ -269,6 +270,52 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(96, ge=1, description="Generation budget per test row.")
     batch_size: int = Field(16, ge=1, description="Rows generated at once.")
     max_samples: int = Field(0, ge=0, description="Score at most this many test rows (0: all).")
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="Task metrics of the test split (docs/evaluation.md): exact_match, contains, token_f1, "
+        "rouge_l, bleu, chrf, json_valid (or valid_json), json_fields (or field_accuracy), regex, perplexity, "
+        "log_likelihood, or module:function for your own. Empty: by the data, JSON-object answers (the demo task) "
+        "get exact_match, valid_json, field_accuracy; any others exact_match, token_f1, perplexity.",
+    )
+    normalize: list[Literal["case", "whitespace", "punctuation", "articles"]] = Field(
+        default_factory=list, description="exact_match and contains compare answers after these steps (all four: "
+        "SQuAD's normalisation); none: only surrounding whitespace is ignored.",
+    )
+    regex: str | None = Field(None, description="The pattern of the regex metric (Python re, searched).")
+    temperature: float = Field(0.0, ge=0, description="0: greedy answers; above 0: sampled at this temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sampling only: keep the smallest set of tokens whose "
+                         "probability reaches top_p (nucleus sampling); 1: all.")
+    seed: int = Field(0, description="Seed of sampled answers and of the bootstrap resamples.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples of the test rows for the 95% intervals and "
+                           "the paired before/after differences; 0: no intervals.")
+    examples: int = Field(3, ge=0, description="report.md lists this many best and as many worst test rows.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        from tunesmith.evaluate.metrics import canonical_name, check_name
+
+        for name in names:
+            check_name(name)
+        canonical = [canonical_name(n) for n in names]
+        if len(set(canonical)) < len(canonical):
+            raise ValueError(f"a metric is listed twice in {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> "EvalConfig":
+        import re
+
+        if "regex" in self.metrics and not self.regex:
+            raise ValueError("the regex metric needs its pattern: set eval.regex (e.g. eval.regex='answer: (\\S+)')")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"eval.regex={self.regex!r} is not a valid Python regular expression: {e}") from None
+        if self.top_p < 1 and self.temperature == 0:
+            raise ValueError("eval.top_p applies to sampled answers; set eval.temperature above 0 too")
+        return self
 
 
 class OutputConfig(Section):

@@ -9,23 +9,30 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="data utilities", description="Data utilities.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    d = data_sub.add_parser("demo", help="write the built-in demo task (train/validation/test JSONL)",
-                            description="Write the built-in demo task (seeded) as train/validation/test JSONL, in "
-                            "the same format users bring, and the same rows as preference pairs "
-                            "(preference_*.jsonl) and unpaired rows (unpaired_*.jsonl).")
+    d = data_sub.add_parser("demo", help="write a built-in demo task (train/validation/test JSONL)",
+                            description="Write a built-in demo task (seeded) as train/validation/test JSONL, in the "
+                            "same format users bring. --task json (default): JSON extraction, and the same rows as "
+                            "preference pairs (preference_*.jsonl) and unpaired rows (unpaired_*.jsonl); --task qa: "
+                            "questions on a short text with one-sentence answers (free text, docs/evaluation.md).")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    d.add_argument("--variant", choices=["easy", "hard"], default="easy", help="task difficulty (default easy)")
+    d.add_argument("--task", choices=["json", "qa"], default="json", help="which task (default json)")
+    d.add_argument("--variant", choices=["easy", "hard"], default="easy",
+                   help="json task difficulty (default easy)")
     d.set_defaults(run=_run_demo_data)
 
 
 def _run_demo_data(args: argparse.Namespace) -> None:
-    paths = write_demo_data(Path(args.out), args.seed, args.variant)
+    paths = write_demo_data(Path(args.out), args.seed, args.variant, args.task)
     for split, path in paths.items():
         print(f"{split}: {path}")
 
 
-def write_demo_data(out: Path, seed: int = 0, variant: str = "easy") -> dict:
+def write_demo_data(out: Path, seed: int = 0, variant: str = "easy", task: str = "json") -> dict:
+    if task == "qa":
+        from tunesmith.data.qa import write_qa
+
+        return write_qa(out, seed=seed)
     from tunesmith.data.demo import write_demo
 
     return write_demo(out, seed=seed, variant=variant)

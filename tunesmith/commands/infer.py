@@ -44,8 +44,12 @@ def register(subparsers) -> None:
                               epilog=config_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config naming the model and data.test")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--adapter", help="adapter folder (PEFT format) to apply before scoring; with objective.name="
-                   "reward, the reward model folder (default output.dir/reward_model)")
+    p.add_argument("--adapter", action="append", metavar="ARTIFACT",
+                   help="an artifact to score, repeatable to compare several (docs/evaluation.md): an adapter folder "
+                   "(applied to model.name_or_path), a model folder (config.json, e.g. from tunesmith merge) or a "
+                   ".gguf file; with objective.name=reward, the reward model folder (default output.dir/reward_model)")
+    p.add_argument("--base", action="store_true",
+                   help="score model.name_or_path too, first: the others' differences are taken from it")
     p.set_defaults(run=_run_eval)
 
     for name, text, run in (("generate", "complete one prompt", _run_generate),
@@ -58,7 +62,7 @@ def register(subparsers) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    evaluate(load_config(args.config, args.overrides), args.adapter)
+    evaluate(load_config(args.config, args.overrides), args.adapter, args.base)
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -71,24 +75,44 @@ def _run_chat(args: argparse.Namespace) -> None:
     chat(o.model, o.adapter, o.max_new_tokens, o.system, o.quantization)
 
 
-def evaluate(cfg: Config, adapter: str | None) -> dict:
-    """Score the test split with the base model, or with an artifact on it. A model.quantization the config
-    names is used as is; left unset, a QLoRA adapter gets the quantized base it was trained on."""
-    from tunesmith.methods.registry import load_artifact
-    from tunesmith.models.loading import load_model_and_tokenizer
+def evaluate(cfg: Config, adapter: str | list[str] | None, base: bool = False) -> dict:
+    """Score the test split with the base model, or with each artifact given (the base first with `base`), and
+    print the scores as JSON (one artifact: its flat scores) after a markdown table on stderr; with several, the
+    table and the JSON give each one's difference from the first, paired on the same rows (evaluate/compare.py)."""
+    from tunesmith.evaluate.compare import comparison, targets
 
     if not cfg.data.test:
         raise UserError("data.test is not set: name a test file to score (e.g. data.test=data/test.jsonl).")
+    artifacts = [adapter] if isinstance(adapter, str) else list(adapter or [])
     if cfg.objective.name == "reward":
-        return evaluate_reward_model(cfg, adapter)
+        if len(artifacts) > 1 or base:
+            raise UserError("Reward models are scored one at a time: give one --adapter (or none), without --base.")
+        return evaluate_reward_model(cfg, artifacts[0] if artifacts else None)
+    chosen = targets(artifacts, base)
+    results = []
+    for target in chosen:
+        model, tokenizer = load_target(cfg, target.path, target.kind)
+        results.append(score_test_set(model, tokenizer, cfg, target.name))
+        del model, tokenizer  # one model in memory at a time
+    return comparison(cfg, chosen, results)
+
+
+def load_target(cfg: Config, path: str | None, kind: str):
+    """(model, tokenizer) of what `tunesmith eval` scores: the config's model (path None), a model folder or .gguf
+    file (kind model) with the config's model options, or that model with an artifact on it (kind adapter). A
+    model.quantization the config names is used as is; left unset, a QLoRA adapter gets the quantized base it
+    was trained on."""
+    from tunesmith.methods.registry import load_artifact
+    from tunesmith.models.loading import load_model_and_tokenizer
+
+    if kind == "model":
+        return load_model_and_tokenizer(cfg.model.model_copy(update={"name_or_path": path, "gguf_file": None}))
     explicit = "quantization" in cfg.model.model_fields_set
-    model_cfg = cfg.model if explicit or not adapter else adapter_base_config(cfg.model, Path(adapter))
+    model_cfg = cfg.model if explicit or path is None else adapter_base_config(cfg.model, Path(path))
     model, tokenizer = load_model_and_tokenizer(model_cfg)
-    if adapter:
-        load_artifact(model, Path(adapter))
-    scores = score_test_set(model, tokenizer, cfg, "adapter" if adapter else "base")
-    print(json.dumps(scores, indent=2))
-    return scores
+    if path is not None:
+        load_artifact(model, Path(path))
+    return model, tokenizer
 
 
 def evaluate_reward_model(cfg: Config, folder: str | None) -> dict:

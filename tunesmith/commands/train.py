@@ -74,6 +74,7 @@ def train(cfg: Config) -> dict:
         -> save the artifact -> score the test set (after) -> summary.json, report.md
 
     Under torchrun (docs/distributed.md) every process runs this; rank 0 alone writes files."""
+    from tunesmith.evaluate.task import evaluation_summary
     from tunesmith.methods.registry import describe_method
     from tunesmith.train import distributed
 
@@ -93,9 +94,8 @@ def train(cfg: Config) -> dict:
     model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id)
     train_seconds = time.time() - started
     score_test = test_scorer(objective, model, tokenizer, cfg)  # fine_tune may hand back another copy (FSDP2)
-    after, examples = None, []
-    if cfg.data.test:
-        after, examples = score_test("after")
+    after = score_test("after") if cfg.data.test else None
+    if after is not None:
         log.info("after fine-tuning:  %s", _fmt(after))
     if objective.export is not None and distributed.is_main():
         objective.export(model, method, cfg, run_dir, tokenizer)
@@ -112,9 +112,10 @@ def train(cfg: Config) -> dict:
         "train_seconds": train_seconds,
         "data": data.describe(),
         "val_loss": last_validation_loss(run_dir / "metrics.jsonl"),
-        "before": before,
-        "after": after,
-        "examples": examples,
+        "before": before.scores if before is not None else None,
+        "after": after.scores if after is not None else None,
+        "examples": after.examples(cfg.eval.examples) if after is not None else [],
+        "evaluation": evaluation_summary(cfg, before, after) if cfg.data.test else None,
     }
     if distributed.is_main():
         from tunesmith.evaluate.report import write_report
@@ -144,21 +145,23 @@ def load_run(cfg: Config):
     return run_dir, model, tokenizer, data, get_objective(data.objective)  # auto is resolved by the format now
 
 
-def score_before(objective, model, tokenizer, cfg: Config, run_dir: Path) -> dict | None:
-    """The test split's scores before fine-tuning (once per run directory), if there is a test split to score."""
+def score_before(objective, model, tokenizer, cfg: Config, run_dir: Path):
+    """The test split's Evaluation before fine-tuning (once per run directory), if there is a test split to score."""
     if not (cfg.data.test and cfg.eval.before_after):
         return None
-    before = cached_score(run_dir / "before.json", lambda: test_scorer(objective, model, tokenizer, cfg)("before")[0])
+    before = cached_score(run_dir / "before.json", test_scorer(objective, model, tokenizer, cfg), cfg)
     log.info("before fine-tuning: %s", _fmt(before))
     return before
 
 
 def test_scorer(objective, model, tokenizer, cfg: Config):
-    """label -> (the test split's scores, examples to show): the objective's own (a reward model's pair
-    accuracy), or answers generated and scored against the references."""
+    """label -> the test split's Evaluation: the objective's own scores (a reward model's pair accuracy), or
+    answers generated and scored against the references by eval.metrics."""
+    from tunesmith.evaluate.metrics.scoring import Evaluation
+
     if objective.test_score is not None:
-        return lambda label: (objective.test_score(model, tokenizer, cfg), [])
-    return lambda label: score_test_set(model, tokenizer, cfg, label, return_examples=3)
+        return lambda label: Evaluation(objective.test_score(model, tokenizer, cfg))
+    return lambda label: score_test_set(model, tokenizer, cfg, label)
 
 
 def apply_method(model, cfg: Config, objective=None):
@@ -225,39 +228,29 @@ def last_validation_loss(metrics_path: Path) -> float | None:
     return losses[-1] if losses else None
 
 
-def cached_score(path: Path, compute):
-    """The base model's score does not change on resume: compute it once per run directory."""
+def cached_score(path: Path, compute, cfg: Config):
+    """The base model's score does not change on resume: compute it once per run directory (compute(label) ->
+    Evaluation). The file keeps the answers too, so a resumed run scores them again with the current eval.metrics
+    and pairs them with the answers after training."""
+    from tunesmith.evaluate.task import restore
     from tunesmith.train import distributed
 
     if path.exists():
-        return read_json(path, "the base model's test scores (delete it to score again)")
-    scores = compute()
+        restored = restore(read_json(path, "the base model's test scores (delete it to score again)"), cfg)
+        if restored is not None:
+            return restored
+    evaluation = compute("before")
     if distributed.is_main():
-        atomic_write_json(path, scores)
-    return scores
+        atomic_write_json(path, evaluation.to_json())
+    return evaluation
 
 
-def score_test_set(model, tokenizer, cfg: Config, label: str, return_examples: int = 0):
-    """Generate an answer for every test row and score it against the reference. Under torchrun each
-    process generates its share of the rows (every process holds the whole model then); all score all."""
-    from tunesmith.data.demo import score
-    from tunesmith.evaluate.generate import generate, render_prompt
-    from tunesmith.evaluate.task import test_cases
-    from tunesmith.train import distributed
+def score_test_set(model, tokenizer, cfg: Config, label: str):
+    """The test split scored by eval.metrics (evaluate/task.py): answers generated for every row and/or the
+    reference answers' likelihoods. Returns an Evaluation; its .scores is the flat {metric: number}."""
+    from tunesmith.evaluate.task import evaluate_model
 
-    cases = test_cases(cfg.data)
-    if cfg.eval.max_samples:
-        cases = cases[: cfg.eval.max_samples]
-    prompts = [render_prompt(tokenizer, messages) for messages, _ in cases]
-    references = [reference for _, reference in cases]
-    mine = generate(model, tokenizer, distributed.share(prompts), cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                    progress=distributed.is_main(), desc=f"score test ({label})")
-    predictions = [p for share in distributed.gather_objects(mine) for p in share]  # in row order
-    scores = score(predictions, references)
-    if return_examples:
-        examples = [{"reference": r, "prediction": p} for p, r in list(zip(predictions, references))[:return_examples]]
-        return scores, examples
-    return scores
+    return evaluate_model(model, tokenizer, cfg, label)
 
 
 def demo(out: Path, overrides: list[str]) -> dict:
@@ -291,7 +284,11 @@ def demo(out: Path, overrides: list[str]) -> dict:
     return summary
 
 
-def _fmt(scores: dict | None) -> str:
-    if not scores:
+def _fmt(evaluation) -> str:
+    from tunesmith.evaluate.report import format_value
+
+    if not evaluation.scores:
         return "n/a"
-    return ", ".join(f"{k} {v:.1f}%" for k, v in scores.items())
+    shown = (format_value(v, True) + "%" if evaluation.percent(k) else format_value(v, False) for k, v in
+             evaluation.scores.items())
+    return ", ".join(f"{k} {value}" for k, value in zip(evaluation.scores, shown))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import UserError
+from tunesmith.evaluate.metrics.json_valid import parse_object  # noqa: F401 (the demo's answers, re-exported)
 from tunesmith.files import atomic_write_text
 
 NAMES = ["Ada", "Priya", "Mateo", "Yuki", "Omar", "Lena", "Kwame", "Sofia", "Liam", "Mei", "Ivan", "Amara",
@@ -279,7 +280,7 @@ def reference_answer(fields: dict) -> str:
 
 
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Percentages (0-100) over the rows.
+    """The demo task's scores, percentages (0-100) over the rows (tunesmith/evaluate/metrics/ defines each):
 
     exact_match     prediction == reference, ignoring surrounding whitespace
     valid_json      prediction parses as a JSON object (strictly: no code fence, no prose)
@@ -287,45 +288,11 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
                     the share whose value the parsed prediction has at the same place; only
                     reported when some reference is a JSON object
     """
+    from tunesmith.config import EvalConfig
+    from tunesmith.evaluate.metrics import JSON_DEFAULTS, Inputs
+    from tunesmith.evaluate.metrics.scoring import score_answers
+
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    n = max(1, len(predictions))
-    scores = {
-        "exact_match": 100 * sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n,
-        "valid_json": 100 * sum(parse_object(p) is not None for p in predictions) / n,
-    }
-    matched = total = 0
-    for p, r in zip(predictions, references):
-        ref = parse_object(r)
-        if ref is None:
-            continue
-        got = leaves(parse_object(p) or {})
-        for path, value in leaves(ref).items():
-            total += 1
-            matched += path in got and same(got[path], value)
-    if total:
-        scores["field_accuracy"] = 100 * matched / total
-    return scores
-
-
-def parse_object(text: str) -> dict | None:
-    try:
-        value = json.loads(text.strip())
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def leaves(value: Any, path: str = "") -> dict[str, Any]:
-    """Flatten nested objects and lists to {"a.b[0].c": leaf}, so each fact is scored on its own."""
-    if isinstance(value, dict) and (value or not path):  # an empty object at the top has no fields
-        named = ((f"{path}.{key}" if path else key, child) for key, child in value.items())
-        return {k: v for name, child in named for k, v in leaves(child, name).items()}
-    if isinstance(value, list) and value:
-        return {k: v for i, child in enumerate(value) for k, v in leaves(child, f"{path}[{i}]").items()}
-    return {path: value}
-
-
-def same(a: Any, b: Any) -> bool:
-    """JSON equality: 3 == 3.0, but true is not 1."""
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
+    inputs = Inputs(list(predictions), list(references), [{} for _ in references], EvalConfig())
+    return score_answers(JSON_DEFAULTS, inputs).scores

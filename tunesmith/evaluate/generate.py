@@ -1,7 +1,9 @@
-"""Greedy generation for evaluation and the `generate`/`chat` commands.
+"""Generation for evaluation and the `generate`/`chat` commands: greedy, or sampled (eval.temperature).
 
 Prompts are rendered with the model's chat template and left-padded, so a batch of prompts of
 different lengths ends at the same position and generation continues for all of them at once.
+Sampled answers start from torch.manual_seed(seed): the same seed, batch size and device give the
+same answers.
 """
 
 from __future__ import annotations
@@ -19,8 +21,20 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
-             progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy completions of `prompts` (already rendered text), without the prompt."""
+             progress: bool = False, desc: str = "generate", temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0) -> list[str]:
+    """Completions of `prompts` (already rendered text), without the prompt: greedy at temperature 0, else
+    sampled at that temperature from the top_p nucleus. Sampling leaves torch's random state as it found it."""
+    device = next(model.parameters()).device
+    if temperature <= 0:
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc, {"do_sample": False})
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}  # no top-k cut
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc, sampling)
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc, sampling: dict) -> list[str]:
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -33,7 +47,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, ba
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **sampling,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
