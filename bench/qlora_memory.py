@@ -13,8 +13,9 @@ embeddings (tied to the output head, counted once) and norms, which stay fp32 (b
 
 Training, as a user runs it: `python -m tunesmith train` with the demo config (r 16 on all linear
 layers, lr 5e-4, seed 0) on the demo data (validation: 8 rows), `--steps` steps, each run a fresh
-process with nothing tuned (default malloc, default threads). The whole process's peak RSS is the
-kernel's (ru_maxrss from wait4); "model" and "peak after loading" are read from the run's log
+process with nothing tuned (default malloc, default threads). The whole process's peak RSS is its
+own VmHWM, which the run writes into summary.json (not wait4's ru_maxrss: a child inherits its
+parent's high-water mark through fork and exec); "model" and "peak after loading" are read from the run's log
 (models/loading.py states both). Runs:
   short  batch 2, max_seq_len 96: the weights dominate (the issue's measurement, LoRA 1,283 MiB);
   long   batch 8, max_seq_len 256 (the demo's): the activations dominate;
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -110,16 +110,16 @@ def run_train(overrides: list[str], data: Path) -> dict:
         cmd = [sys.executable, "-m", "tunesmith", "train", str(DEMO_CONFIG), f"data.train={data / 'train.jsonl'}",
                f"data.validation={data / 'validation-8.jsonl'}", "train.save_every=0", "train.eval_every=0",
                f"output.dir={out}", *overrides]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status != 0:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = proc.stdout
+        if proc.returncode != 0:
             sys.exit(log[-3000:])
+        peak = json.loads((Path(out) / "summary.json").read_text())["peak_rss_mib"]
         losses = [json.loads(l)["loss"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(l)]
     model = re.search(r"model in memory: (\d+) MiB", log)
     loaded = re.search(r"peak RSS so far (\d+) MiB", log)
-    return {"peak_mib": usage.ru_maxrss / 1024, "model_mib": int(model[1]) if model else None,
+    return {"peak_mib": peak, "model_mib": int(model[1]) if model else None,
             "load_peak_mib": int(loaded[1]) if loaded else None, "last_loss": losses[-1] if losses else None}
 
 

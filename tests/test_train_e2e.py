@@ -63,6 +63,8 @@ def test_train_writes_every_artifact(workspace):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["output"]["dir"] == str(run_dir)
     report = (run_dir / "report.md").read_text()
     assert "before" in report and "after" in report
+    # The run's own peak RSS: more than the torch it imported, less than this machine has.
+    assert 100 < json.loads((run_dir / "summary.json").read_text())["peak_rss_mib"] < 16 * 1024
 
 
 @pytest.mark.slow  # ~20 s: test_reliability's random SIGKILLs cover the same in make test

@@ -76,6 +76,7 @@ def train(cfg: Config) -> dict:
     Under torchrun (docs/distributed.md) every process runs this; rank 0 alone writes files."""
     from tunesmith.evaluate.task import evaluation_summary
     from tunesmith.methods.registry import describe_method
+    from tunesmith.models.loading import peak_rss_mib
     from tunesmith.train import distributed
 
     if not cfg.data.train:
@@ -116,6 +117,7 @@ def train(cfg: Config) -> dict:
         "after": after.scores if after is not None else None,
         "examples": after.examples(cfg.eval.examples) if after is not None else [],
         "evaluation": evaluation_summary(cfg, before, after) if cfg.data.test else None,
+        "peak_rss_mib": round(peak_rss_mib()),  # this process's own (rank 0's), loading and scoring included
     }
     if distributed.is_main():
         from tunesmith.evaluate.report import write_report
