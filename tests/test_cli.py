@@ -21,6 +21,7 @@ FLAGS = {  # subcommand -> what its --help must list
     "chat": ["--model", "--adapter", "--max-new-tokens", "--system", "--quantization", "--config"],
     "merge": ["--adapter", "--out", "--model", "--quantization", "--config"],
     "quantize": ["--model", "--out", "--bits", "--quant-type", "--no-double-quant", "--config"],
+    "export": ["--model", "--adapter", "--format", "--type", "--out", "--quantization", "--config"],
     "data demo": ["--out", "--seed", "--task", "--variant"],
     "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
 }

@@ -11,5 +11,6 @@ MODULES = (
     "tunesmith.commands.infer",  # eval, generate, chat
     "tunesmith.commands.score",  # score (reward models)
     "tunesmith.commands.artifacts",  # merge, quantize
+    "tunesmith.commands.export",  # export (GGUF)
     "tunesmith.commands.data",  # data demo
 )

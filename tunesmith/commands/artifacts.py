@@ -69,7 +69,18 @@ def _run_quantize(args: argparse.Namespace) -> None:
 
 
 def merge(adapter: str, out: str, model_name: str | None, quantization: str = "auto") -> None:
-    """Base model + artifact (any method) -> one plain transformers folder.
+    """Base model + artifact (any method) -> one plain transformers folder (see merged_model)."""
+    from tunesmith.export.check import check_saved_model
+
+    model, tokenizer = merged_model(adapter, model_name, quantization)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    check_saved_model(out, model, tokenizer)
+    print(f"merged model saved to {out} (reloaded and checked)")
+
+
+def merged_model(adapter: str, model_name: str | None, quantization: str = "auto"):
+    """(model, tokenizer): the artifact in `adapter` folded into its base (model_name, else the base it records).
 
     A QLoRA adapter was trained against the quantized base, so by default (quantization auto: the
     model.quantization of the run's config.yaml beside the adapter folder) the base is quantized the
@@ -93,14 +104,12 @@ def merge(adapter: str, out: str, model_name: str | None, quantization: str = "a
 
         log.info("dequantizing the base before merging")
         dequantize_model(model, model.get_input_embeddings().weight.dtype)
-    merged = method.merge(model)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    print(f"merged model saved to {out}")
+    return method.merge(model), tokenizer
 
 
 def quantize(model_name: str, out: str, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> None:
     """A bitsandbytes 4-bit (nf4/fp4) or 8-bit checkpoint that AutoModelForCausalLM.from_pretrained loads."""
+    from tunesmith.export.check import check_saved_model
     from tunesmith.models.loading import load_model_and_tokenizer, resolve_device
     from tunesmith.models.quantize import resolve_compute_dtype, save_quantized
 
@@ -109,4 +118,5 @@ def quantize(model_name: str, out: str, bits: int, quant_type: str = "nf4", doub
     device = resolve_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     save_quantized(model, tokenizer, out, quantization, double_quant, resolve_compute_dtype(cfg.compute_dtype, device))
-    print(f"{bits}-bit ({quantization}) model saved to {out}")
+    check_saved_model(out, model, tokenizer, quantized=True)
+    print(f"{bits}-bit ({quantization}) model saved to {out} (reloaded and checked)")

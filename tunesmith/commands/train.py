@@ -200,6 +200,11 @@ def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id
         model = trained_model_from_checkpoint(cfg, method, run_dir, objective)
     if distributed.is_main():
         method.save(model, run_dir / "adapter", cfg.method, cfg.model.name_or_path)
+        if (run_dir / "adapter" / "config.json").is_file():  # a whole model (full): reloaded and checked
+            from tunesmith.export.check import check_saved_model
+            from tunesmith.methods.full import source_tokenizer
+
+            check_saved_model(run_dir / "adapter", model, source_tokenizer(model))
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return model, state
 

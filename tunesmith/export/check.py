@@ -1,0 +1,110 @@
+"""Every model folder tunesmith writes is read back and checked before the command reports success.
+
+What goes wrong around a save, by users' reports of the other toolkits, and what is checked here:
+
+    tokenizer      the files are there, AutoTokenizer loads them, the chat template survived
+    tied weights   config.json ties lm_head to the embeddings only when they are equal: a trained head
+                   saved as tied is silently replaced by the embeddings on reload
+    vocabulary     the embedding has config.vocab_size rows and the tokenizer's ids fit in them
+    dtype          the weights are stored in the dtype asked for
+    behaviour      greedy answers to a few prompts equal those of the model before saving (fp32 only:
+                   a cast changes the numbers legitimately)
+
+A failure raises ArtifactCheckError naming every problem found; the folder is left for inspection.
+The check costs one more load of the model and a few short generations (docs/export.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROMPTS = ("What is the capital of France?", 'Extract name and age as JSON. Text: Ada is 36.',
+           "Write one sentence about the sea.")
+NEW_TOKENS = 16
+
+
+class ArtifactCheckError(UserError):
+    """A saved folder does not reload as the model it was saved from."""
+
+
+def check_saved_model(folder: str | Path, model, tokenizer=None, dtype: torch.dtype | None = None,
+                      quantized: bool = False) -> None:
+    """Reload `folder` and compare it with `model` and `tokenizer`, the objects it was saved from (tokenizer None:
+    the model came without one, and the saved one is taken as it is). `dtype`: the dtype the weights were asked
+    to be stored in (None: as the model holds them). `quantized`: a bitsandbytes folder, reloaded with its
+    quantization_config (weights are compared through the answers only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    problems: list[str] = []
+    try:
+        saved_tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        saved_tokenizer = None
+        problems.append(f"the tokenizer does not load ({e})")
+    if tokenizer is None:
+        tokenizer = saved_tokenizer
+    elif saved_tokenizer is not None and getattr(tokenizer, "chat_template", None) != saved_tokenizer.chat_template:
+        problems.append("the chat template is missing or differs from the model's")
+    device = next(model.parameters()).device
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device)  # as stored
+    reloaded.eval()
+    problems += weight_problems(model, reloaded, dtype, quantized)
+    if saved_tokenizer is not None and len(saved_tokenizer) > reloaded.get_input_embeddings().weight.shape[0]:
+        problems.append(f"the tokenizer has {len(saved_tokenizer)} tokens but the embedding only "
+                        f"{reloaded.get_input_embeddings().weight.shape[0]} rows")
+    if not problems and (dtype in (None, torch.float32)) and saved_tokenizer is not None:
+        problems += answer_problems(model, tokenizer, reloaded, saved_tokenizer)
+    del reloaded
+    if problems:
+        raise ArtifactCheckError(f"{folder} was written but does not reload as the model it was saved from: "
+                                 + "; ".join(problems) + ".")
+    log.info("checked %s: reloads with the same tokenizer, weights and greedy answers", folder)
+
+
+def weight_problems(model, reloaded, dtype: torch.dtype | None, quantized: bool) -> list[str]:
+    problems = []
+    config = reloaded.config
+    rows = reloaded.get_input_embeddings().weight.shape[0]
+    if rows != config.vocab_size:
+        problems.append(f"config.json says vocab_size {config.vocab_size} but the embedding has {rows} rows")
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    trained_apart = head is not None and (head.weight.shape != embed.weight.shape
+                                          or not torch.equal(head.weight.float(), embed.weight.float()))
+    if trained_apart and getattr(config, "tie_word_embeddings", False):
+        problems.append("tie_word_embeddings is true but the output head differs from the embeddings: the reloaded "
+                        "model would use the embeddings as its head")
+    if quantized:
+        return problems
+    source = {k: v for k, v in model.state_dict().items()}
+    for name, saved in reloaded.state_dict().items():
+        if name not in source:
+            problems.append(f"{name} is saved but the model has no such weight")
+            continue
+        want = source[name].to(dtype) if dtype is not None else source[name]
+        if saved.dtype != want.dtype:
+            problems.append(f"{name} is stored as {saved.dtype}, not {want.dtype}")
+        elif not torch.equal(saved.cpu(), want.cpu()):
+            problems.append(f"{name} differs from the model's")
+        if len(problems) > 5:
+            break
+    return problems
+
+
+def answer_problems(model, tokenizer, reloaded, saved_tokenizer) -> list[str]:
+    from tunesmith.evaluate.generate import generate, render_prompt
+
+    def answers(m, tok):
+        prompts = [render_prompt(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+        return generate(m, tok, prompts, max_new_tokens=NEW_TOKENS, batch_size=len(prompts))
+
+    before, after = answers(model, tokenizer), answers(reloaded, saved_tokenizer)
+    return [f"the greedy answer to {p!r} changed from {b!r} to {a!r}"
+            for p, b, a in zip(PROMPTS, before, after) if a != b]
