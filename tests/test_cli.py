@@ -16,13 +16,15 @@ from tunesmith.commands.infer import GenerateConfig
 FLAGS = {  # subcommand -> what its --help must list
     "train": ["config", "overrides", "train.max_steps", "method.target_modules"],
     "demo": ["overrides", "--out"],
-    "eval": ["config", "overrides", "--adapter", "--base", "data.test", "eval.metrics"],
+    "eval": ["config", "overrides", "--adapter", "--base", "data.test", "eval.metrics", "--harness",
+             "--harness-include", "--harness-limit"],
     "generate": ["prompt", "--model", "--adapter", "--max-new-tokens", "--system", "--quantization", "--config"],
     "chat": ["--model", "--adapter", "--max-new-tokens", "--system", "--quantization", "--config"],
     "merge": ["--adapter", "--out", "--model", "--quantization", "--config"],
     "quantize": ["--model", "--out", "--bits", "--quant-type", "--no-double-quant", "--config"],
     "export": ["--model", "--adapter", "--format", "--type", "--out", "--quantization", "--config"],
     "data demo": ["--out", "--seed", "--task", "--variant"],
+    "data harness": ["--out", "--seed"],
     "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
 }
 

@@ -22,6 +22,7 @@ PACKAGE = ROOT / "tunesmith"
 # installs it. Such an import must sit in that file only, inside a function that explains what to install.
 OPTIONAL_IMPORTS = {
     ("tunesmith/methods/peft_bridge.py", "peft"): "peft",  # method.name=peft only
+    ("tunesmith/evaluate/harness.py", "lm_eval"): "harness",  # tunesmith eval --harness only
 }
 
 # Runtime needs of the libraries tunesmith calls, which the import scan cannot see: package -> why it is

@@ -1,4 +1,5 @@
-"""`tunesmith data demo`: write the built-in demo task in the file format users bring."""
+"""`tunesmith data demo`: write the built-in demo task in the file format users bring; `tunesmith data harness`:
+the built-in lm-evaluation-harness tasks (evaluate/harness_tasks.py)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,28 @@ def register(subparsers) -> None:
     d.add_argument("--variant", choices=["easy", "hard"], default="easy",
                    help="json task difficulty (default easy)")
     d.set_defaults(run=_run_demo_data)
+    h = data_sub.add_parser("harness", help="write tunesmith's lm-evaluation-harness tasks (YAML + JSONL)",
+                            description="Write the built-in lm-evaluation-harness tasks (seeded, offline): "
+                            "tunesmith_json_choice, tunesmith_qa_choice (multiple choice) and tunesmith_arithmetic "
+                            "(generate until), a folder each with the task YAML over local JSONL; for lm-eval "
+                            "--include_path, or to copy and edit (docs/evaluation.md). tunesmith eval --harness "
+                            "needs no such step: it writes them into its cache.")
+    h.add_argument("--out", required=True, help="output folder")
+    h.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    h.set_defaults(run=_run_harness_data)
 
 
 def _run_demo_data(args: argparse.Namespace) -> None:
     paths = write_demo_data(Path(args.out), args.seed, args.variant, args.task)
     for split, path in paths.items():
         print(f"{split}: {path}")
+
+
+def _run_harness_data(args: argparse.Namespace) -> None:
+    from tunesmith.evaluate.harness_tasks import write_tasks
+
+    for name, path in write_tasks(Path(args.out), args.seed).items():
+        print(f"{name}: {path}")
 
 
 def write_demo_data(out: Path, seed: int = 0, variant: str = "easy", task: str = "json") -> dict:

@@ -40,7 +40,8 @@ class GenerateConfig(Section):
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="score a model (optionally with an adapter) on the test split",
                               description="Score the test split (data.test) with the model, or with an adapter "
-                              "on it, and print the scores as JSON.",
+                              "on it, and print the scores as JSON; with --harness, run lm-evaluation-harness tasks "
+                              "on it instead.",
                               epilog=config_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config naming the model and data.test")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -50,6 +51,17 @@ def register(subparsers) -> None:
                    ".gguf file; with objective.name=reward, the reward model folder (default output.dir/reward_model)")
     p.add_argument("--base", action="store_true",
                    help="score model.name_or_path too, first: the others' differences are taken from it")
+    h = p.add_argument_group("lm-evaluation-harness (docs/evaluation.md; pip install 'tunesmith[harness]')")
+    h.add_argument("--harness", metavar="TASKS", help="run these harness tasks (comma-separated) instead of the test "
+                   "split, on each model as loaded: tunesmith_json_choice, tunesmith_qa_choice, tunesmith_arithmetic "
+                   "(built in, offline; the tag tunesmith runs all three) or tasks of --harness-include")
+    h.add_argument("--harness-include", action="append", default=[], metavar="DIR",
+                   help="a folder of your own harness task YAMLs (repeatable)")
+    h.add_argument("--harness-limit", type=int, metavar="N", help="score at most N rows per task")
+    h.add_argument("--harness-fewshot", type=int, metavar="N", help="few-shot examples (default: each task's own)")
+    h.add_argument("--harness-chat", action="store_true", help="render prompts with the tokenizer's chat template")
+    h.add_argument("--harness-out", metavar="FILE", help="where to save the results JSON (default "
+                   "output.dir/harness.json)")
     p.set_defaults(run=_run_eval)
 
     for name, text, run in (("generate", "complete one prompt", _run_generate),
@@ -62,7 +74,15 @@ def register(subparsers) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    evaluate(load_config(args.config, args.overrides), args.adapter, args.base)
+    cfg = load_config(args.config, args.overrides)
+    if args.harness is None:
+        evaluate(cfg, args.adapter, args.base)
+        return
+    from tunesmith.evaluate.harness import HarnessOptions, parse_tasks
+
+    options = HarnessOptions(parse_tasks(args.harness), args.harness_include, args.harness_limit, args.harness_fewshot,
+                             args.harness_chat, cfg.eval.batch_size)
+    evaluate_on_harness(cfg, args.adapter, args.base, options, args.harness_out)
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -95,6 +115,23 @@ def evaluate(cfg: Config, adapter: str | list[str] | None, base: bool = False) -
         results.append(score_test_set(model, tokenizer, cfg, target.name))
         del model, tokenizer  # one model in memory at a time
     return comparison(cfg, chosen, results)
+
+
+def evaluate_on_harness(cfg: Config, adapter: str | list[str] | None, base: bool, options,
+                        out: str | None = None) -> dict:
+    """lm-evaluation-harness tasks on the base or each artifact, each loaded as `evaluate` loads it (an adapter on
+    its base, quantized as in training), in memory; one table of tasks x targets; the JSON saved at `out` (default
+    output.dir/harness.json). evaluate/harness.py."""
+    from tunesmith.evaluate.compare import targets
+    from tunesmith.evaluate.harness import evaluate_harness
+
+    if cfg.objective.name == "reward":
+        raise UserError("--harness scores language models; a reward model has no text to score (objective.name="
+                        "reward): leave out --harness, or objective.name.")
+    artifacts = [adapter] if isinstance(adapter, str) else list(adapter or [])
+    chosen = targets(artifacts, base)
+    path = Path(out) if out else Path(cfg.output.dir) / "harness.json"
+    return evaluate_harness(chosen, lambda t: load_target(cfg, t.path, t.kind), options, path)
 
 
 def load_target(cfg: Config, path: str | None, kind: str):
