@@ -28,7 +28,7 @@ class ExportConfig(Section):
     format: Literal["gguf", "gguf-lora"] = Field(
         "gguf", description="gguf: the whole model in one file; gguf-lora: a LoRA adapter alone, which llama.cpp "
         "applies to its base file (--lora).")
-    type: Literal["f32", "f16", "q8_0", "q4_0"] = Field(
+    type: Literal["f32", "f16", "q8_0", "q4_1", "q4_0"] = Field(
         "f16", description="Weight type of the 2-D weights (norms stay f32); gguf-lora: f32 or f16.")
     out: str = Field(description="Output .gguf file; a Modelfile for Ollama is written beside a whole model.")
     quantization: BaseQuantization = Field(
@@ -49,7 +49,7 @@ class ExportConfig(Section):
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a model (or base + adapter) as GGUF for llama.cpp and Ollama",
                               description="Write a Llama-family model, or a base with an adapter merged in, as one "
-                              "GGUF file (f32, f16, q8_0, q4_0) with its tokenizer and chat template, and an Ollama "
+                              "GGUF file (f32, f16, q8_0, q4_1, q4_0) with its tokenizer and chat template, and an Ollama "
                               "Modelfile beside it; or a LoRA adapter alone as a GGUF LoRA file. See docs/export.md.")
     add_section_options(p, "export", ExportConfig)
     p.set_defaults(run=_run_export)

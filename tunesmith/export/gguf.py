@@ -18,9 +18,12 @@ Types, per 2-D weight (GGML's block formats, gguf.quants implements them):
     f32    4 bytes per weight
     f16    2 bytes
     q8_0   blocks of 32 weights: one f16 scale d = max|w| / 127 and 32 int8 q = round(w / d): 8.5 bits
+    q4_1   blocks of 32 weights: an f16 scale d = (max - min) / 15, an f16 minimum m and 32 4-bit
+           q = round((w - m) / d), so w ~ d q + m: 5 bits (the default model ships in it)
     q4_0   blocks of 32 weights: one f16 scale d = w_maxabs / -8 (the signed extreme) and 32 4-bit
            q = clamp(round(w / d) + 8, 0, 15): 4.5 bits
-A weight whose rows are not a multiple of 32 long cannot be blocked and is written f16 instead.
+A weight whose rows are not a multiple of 32 long cannot be blocked and is written f16 instead. With
+q4_0 and q4_1 the token embedding and output head stay q8_0, as llama.cpp's own quantizer keeps them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tunesmith.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TYPES = ("f32", "f16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")
 BLOCK = 32  # weights per q8_0 / q4_0 block
 
 # llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by a name in the file.
@@ -64,7 +67,7 @@ def export_gguf(model, tokenizer, out: Path, gguf_type: str = "f16", name: str |
         if gguf_name is None:
             raise UserError(f"{hf_name} has no GGUF name for the llama architecture; this model cannot be exported.")
         array = to_gguf_layout(hf_name, tensor.detach().float().cpu().numpy(), config)
-        data, raw_type = encode(array, gguf_type)
+        data, raw_type = encode(array, tensor_type(gguf_name, gguf_type))
         writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
     return finish(writer, out)
 
@@ -110,7 +113,7 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, ...
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, ...
 
 
 def write_model_metadata(writer, config, gguf_type: str, name: str) -> None:
@@ -204,6 +207,15 @@ def to_gguf_layout(hf_name: str, w: np.ndarray, config) -> np.ndarray:
     return w
 
 
+def tensor_type(gguf_name: str, gguf_type: str) -> str:
+    """The type of one tensor: `gguf_type`, except that the 4-bit types keep the token embedding and the output
+    head at q8_0, as llama.cpp's quantizer keeps them above 4 bits (and the default model's own GGUF file does): every
+    token's logits pass through the head, and at 4 bits it alone moves the default model's answers (docs/export.md)."""
+    if gguf_type.startswith("q4") and gguf_name in ("token_embd.weight", "output.weight"):
+        return "q8_0"
+    return gguf_type
+
+
 def encode(w: np.ndarray, gguf_type: str):
     """(data, GGML type) of one tensor: 1-D tensors F32; 2-D ones in `gguf_type` (F16 where rows cannot be blocked)."""
     from gguf import GGMLQuantizationType as Q
@@ -213,5 +225,5 @@ def encode(w: np.ndarray, gguf_type: str):
         return np.ascontiguousarray(w, dtype=np.float32), Q.F32
     if gguf_type == "f16" or w.shape[-1] % BLOCK:
         return np.ascontiguousarray(w, dtype=np.float16), Q.F16
-    qtype = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
+    qtype = {"q8_0": Q.Q8_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}[gguf_type]
     return quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
