@@ -5,7 +5,7 @@
 The default model (SmolLM2-135M-Instruct, fp32) is exported by tunesmith.export.gguf in each type and
 loaded back with AutoModelForCausalLM.from_pretrained(gguf_file=...), which dequantizes to fp32. On
 held-out text (demo-task conversations from a seed no split uses, answer included, rendered with the
-chat template) it reports, per token position and averaged over all of them:
+chat template) it reports, per token position and averaged over all of them (tunesmith/export/fidelity.py):
 
     KL(p_source || p_export) = sum_v p_source(v) (log p_source(v) - log p_export(v))   in nats
     top-1 agreement          = share of positions where both models' most likely token is the same
@@ -21,25 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-
-def held_out_texts(tokenizer, n: int, seed: int = 4242) -> list[str]:
-    from tunesmith.data.demo import demo_rows
-
-    return [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in demo_rows(n, seed=seed)]
-
-
-@torch.no_grad()
-def fidelity(source, exported, tokenizer, texts: list[str]) -> dict:
-    kl_sum, agree, positions = 0.0, 0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        p = torch.log_softmax(source(ids).logits[0].double(), -1)
-        q = torch.log_softmax(exported(ids).logits[0].double(), -1)
-        kl_sum += float((p.exp() * (p - q)).sum())
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-        positions += ids.shape[1]
-    return {"kl": kl_sum / positions, "top1": agree / positions}
 
 
 def greedy_answers(model, tokenizer, n: int) -> list[str]:
@@ -60,12 +41,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from tunesmith.config import ModelConfig
+    from tunesmith.export.fidelity import compare, held_out_texts, log_probs
     from tunesmith.export.gguf import export_gguf
     from tunesmith.models.loading import load_model_and_tokenizer
 
     source, tokenizer = load_model_and_tokenizer(ModelConfig())
     source.eval()
     texts = held_out_texts(tokenizer, args.rows)
+    reference_probs = log_probs(source, tokenizer, texts)
     reference = greedy_answers(source, tokenizer, args.prompts)
     print(f"{args.rows} held-out conversations, {args.prompts} greedy prompts\n")
     print("| type | file MiB | KL per token (nats) | top-1 agreement | greedy answers equal |")
@@ -74,7 +57,7 @@ def main() -> None:
         for kind in args.types.split(","):
             path = export_gguf(source, tokenizer, Path(tmp) / f"model-{kind}.gguf", kind)
             exported = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32).eval()
-            f = fidelity(source, exported, tokenizer, texts)
+            f = compare(reference_probs, log_probs(exported, tokenizer, texts))
             same = sum(a == b for a, b in zip(greedy_answers(exported, tokenizer, args.prompts), reference))
             print(f"| {kind} | {path.stat().st_size / 2**20:.1f} | {f['kl']:.2e} | {100 * f['top1']:.2f}% | "
                   f"{same}/{args.prompts} |", flush=True)
