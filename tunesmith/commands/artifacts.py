@@ -43,11 +43,20 @@ class QuantizeConfig(Section):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge an adapter into its base and save a plain transformers folder",
+    p = subparsers.add_parser("merge", help="merge an adapter into its base, or models by a mergekit recipe "
+                              "(merge CONFIG.yaml OUT_DIR)",
                               description="Fold an adapter (any mergeable method) into its base model and save a "
                               "plain transformers folder; a QLoRA adapter is merged into the dequantized base it was "
-                              "trained on (docs/qlora.md).")
+                              "trained on (docs/qlora.md). With CONFIG.yaml OUT_DIR instead: merge models (linear, "
+                              "task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp, model_stock) by a "
+                              "mergekit recipe (docs/merging.md).")
     add_section_options(p, "merge", MergeConfig)
+    # `tunesmith merge CONFIG.yaml OUT_DIR`: a mergekit recipe (tunesmith/merge/, docs/merging.md)
+    p.add_argument("recipe", nargs="?", metavar="CONFIG.yaml",
+                   help="a mergekit-style merge recipe (models, merge_method, parameters, ...); see docs/merging.md")
+    p.add_argument("recipe_out", nargs="?", metavar="OUT_DIR", help="with CONFIG.yaml: the output model folder")
+    p.add_argument("--random-seed", type=int, default=0,
+                   help="with CONFIG.yaml: seed of the random methods (dare_*, della*), as mergekit-yaml's (default 0)")
     p.set_defaults(run=_run_merge)
 
     p = subparsers.add_parser("quantize", help="write a bitsandbytes 4-bit or 8-bit checkpoint that transformers loads",
@@ -59,6 +68,10 @@ def register(subparsers) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> None:
+    if args.recipe is not None:
+        from tunesmith.merge.run import run_from_cli
+
+        return run_from_cli(args.recipe, args.recipe_out, args.random_seed)
     o: MergeConfig = resolve_options(args)
     merge(o.adapter, o.out, o.model, o.quantization)
 
@@ -69,18 +82,39 @@ def _run_quantize(args: argparse.Namespace) -> None:
 
 
 def merge(adapter: str, out: str, model_name: str | None, quantization: str = "auto") -> None:
-    """Base model + artifact (any method) -> one plain transformers folder (see merged_model)."""
+    """Base model + artifact (any method) -> one plain transformers folder (see merged_model), reloaded and checked;
+    a QLoRA merge also reports how close it stays to the adapter on its 4-bit base (qlora_merge_report)."""
     from tunesmith.export.check import check_saved_model
 
-    model, tokenizer = merged_model(adapter, model_name, quantization)
+    held: dict = {}
+    model, tokenizer = merged_model(adapter, model_name, quantization, on_unmerged=held.update)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     check_saved_model(out, model, tokenizer)
     print(f"merged model saved to {out} (reloaded and checked)")
+    if held.get("quantized"):
+        print(qlora_merge_report(held["reference"], model, tokenizer, adapter, model_name))
 
 
-def merged_model(adapter: str, model_name: str | None, quantization: str = "auto"):
+def qlora_merge_report(reference, merged, tokenizer, adapter: str, model_name: str | None) -> str:
+    """KL(adapter on its 4-bit base || merged model) per token on held-out text, next to the same for a naive merge
+    into the original float weights: what merging into the dequantized base saves (docs/qlora.md)."""
+    from tunesmith.export.fidelity import compare, held_out_texts, log_probs
+
+    texts = held_out_texts(tokenizer)
+    ours = compare(reference, log_probs(merged, tokenizer, texts))
+    naive_model, _ = merged_model(adapter, model_name, "none")
+    naive = compare(reference, log_probs(naive_model, tokenizer, texts))
+    return (f"QLoRA merge, on {len(texts)} held-out demo conversations, against the adapter on its 4-bit base: "
+            f"KL {ours['kl']:.2e} nats per token, top-1 agreement {100 * ours['top1']:.2f}% (merged into the "
+            f"dequantized base); a merge into the original float weights would give KL {naive['kl']:.2e}, "
+            f"{100 * naive['top1']:.2f}%.")
+
+
+def merged_model(adapter: str, model_name: str | None, quantization: str = "auto", on_unmerged=None):
     """(model, tokenizer): the artifact in `adapter` folded into its base (model_name, else the base it records).
+    `on_unmerged(dict)`, if given, gets {"quantized": bool, "reference": log-probabilities of held-out text} of the
+    artifact on its base before anything is merged, when the base is quantized (QLoRA).
 
     A QLoRA adapter was trained against the quantized base, so by default (quantization auto: the
     model.quantization of the run's config.yaml beside the adapter folder) the base is quantized the
@@ -99,6 +133,10 @@ def merged_model(adapter: str, model_name: str | None, quantization: str = "auto
     if method.merge is None:
         raise UserError(f"{method.name} artifacts cannot be merged into the weights (the adapter is not a weight "
                         "update); use the base model with --adapter instead.")
+    if model_cfg.quantization != "none" and on_unmerged is not None:
+        from tunesmith.export.fidelity import held_out_texts, log_probs
+
+        on_unmerged({"quantized": True, "reference": log_probs(model, tokenizer, held_out_texts(tokenizer))})
     if model_cfg.quantization != "none":
         from tunesmith.models.quantize import dequantize_model
 

@@ -1,0 +1,106 @@
+"""Task arithmetic, and the frame TIES, DARE, breadcrumbs and DELLA share.
+
+Task vectors are the fine-tunes' changes to the base, tau_i = W_i - W_0. Task arithmetic adds them:
+
+    W = W_0 + lambda * sum_i w_i tau_i                                (normalize: false, the default)
+
+Ilharco et al. 2023, "Editing models with task arithmetic", arXiv:2212.04089, Section 2 (the
+paper's single scaling coefficient is `lambda`; per-model weights w_i generalise it).
+
+The frame ("generalized task arithmetic", as mergekit calls it) runs, per tensor:
+  1. sparsify each tau_i (TIES: keep the largest |.|, DARE: keep at random, breadcrumbs: drop the
+     largest and the smallest, DELLA: keep at random with a probability that grows with |.|),
+     optionally rescaled (`rescale`);
+  2. weight: d_i = w_i tau_i;
+  3. with a consensus (TIES): elect a sign per element, s = sign(sum_i d_i) (0 counts as +), and
+     keep only the d_i that agree, m_i = [sign(d_i) = s];
+  4. merge: D = sum_i m_i d_i; with `normalize`, divide by sum_i m_i w_i elementwise (by sum_i w_i
+     without a consensus), so agreeing models are averaged rather than summed; a zero divisor is 1;
+  5. W = W_0 + lambda D, cast to the base's dtype.
+The order of operations, the fp32 work and the divisor guards are mergekit's, so results match it
+to rounding; the random sparsifiers draw from torch's RNG tensor by tensor (names in sorted order,
+models in recipe order), as mergekit does under --random-seed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from tunesmith.merge.registry import MergeMethod, Param
+
+VARIANTS = ("mergekit", "paper")
+
+
+def task_arithmetic_frame(base: torch.Tensor, tensors: list[torch.Tensor], shared: dict, per_model: list[dict],
+                          sparsify: Callable | None = None, consensus: bool = False) -> torch.Tensor:
+    """Steps 1-5 of the module docstring for one tensor. sparsify(delta, params, shared) -> delta."""
+    if not tensors:
+        return base
+    deltas = base.new_empty((len(tensors), *base.shape))  # (models, *shape)
+    for i, (tensor, params) in enumerate(zip(tensors, per_model)):
+        delta = tensor - base
+        deltas[i] = sparsify(delta, params, shared) if sparsify is not None else delta
+    weights = torch.tensor([p["weight"] for p in per_model], dtype=deltas.dtype, device=deltas.device)
+    while weights.dim() < deltas.dim():
+        weights.unsqueeze_(-1)  # (models, 1, ..., 1)
+    deltas.mul_(weights)
+    if consensus:
+        mask = sign_agreement(deltas)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if shared["normalize"]:
+        mixed /= divisor
+    if shared["lambda"] != 1:
+        mixed *= shared["lambda"]
+    return (base + mixed).to(base.dtype)
+
+
+def sign_agreement(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES' elected sign (arXiv:2306.01708, Section 3, step 2, "elect"): the sign of the summed weighted
+    deltas (+ on ties), and per model the mask of the entries that share it (step 3, "disjoint merge")."""
+    sign = deltas.sign()
+    majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return sign == majority
+
+
+def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """delta * mask, scaled (rescale: true) so that its L1 norm is delta's: mergekit's rescaling of every
+    sparsifier. Norms under eps leave the masked delta as it is."""
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def gta_params(normalize: bool, rescale: bool, **extra: Param) -> dict[str, Param]:
+    """mergekit's parameters of every task-arithmetic-frame method, with the method's defaults."""
+    return {
+        "weight": Param(float, per_model=True),
+        "density": Param(float, 1.0, per_model=True),
+        "normalize": Param(bool, normalize),
+        "rescale": Param(bool, rescale),
+        "lambda": Param(float, 1.0),
+        "int8_mask": Param(bool, False),  # mergekit's memory saver for the sign mask; no effect on the numbers
+        "variant": Param(str, "mergekit", choices=VARIANTS),  # tunesmith's: mergekit's numbers, or the paper's (docs/merging.md)
+        **extra,
+    }
+
+
+def task_arithmetic(base, tensors, shared, per_model):
+    return task_arithmetic_frame(base, tensors, shared, per_model)
+
+
+TASK_ARITHMETIC = MergeMethod(
+    name="task_arithmetic", merge=task_arithmetic, base="required",
+    params=gta_params(normalize=False, rescale=False), paper="arXiv:2212.04089",
+)
