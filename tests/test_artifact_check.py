@@ -82,3 +82,18 @@ def test_different_answers_are_found(tmp_path, monkeypatch):
     monkeypatch.setattr("tunesmith.evaluate.generate.generate", lambda *a, **k: next(calls))
     with pytest.raises(ArtifactCheckError, match="greedy answer to .* changed from 'b' to 'x'"):
         check.check_saved_model(tmp_path, model, tokenizer)
+
+
+def test_a_streamed_merge_folder_is_checked_without_a_model_in_memory(tmp_path):
+    from tunesmith.export.check import check_merged_folder
+
+    model, _ = saved(tmp_path)
+    planned = {name: torch.float32 for name in model.state_dict()}
+    check_merged_folder(tmp_path, tmp_path, planned)
+    with pytest.raises(ArtifactCheckError, match="stored as torch.float32, not torch.bfloat16"):
+        check_merged_folder(tmp_path, tmp_path, {**planned, "model.norm.weight": torch.bfloat16})
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ArtifactCheckError, match="weights missing from the files: model.layers.0.mlp.down_proj"):
+        check_merged_folder(tmp_path, tmp_path, planned)

@@ -69,6 +69,41 @@ def check_saved_model(folder: str | Path, model, tokenizer=None, dtype: torch.dt
     log.info("checked %s: reloads with the same tokenizer, weights and greedy answers", folder)
 
 
+def check_merged_folder(folder: str | Path, donor: str | Path, dtypes: dict[str, torch.dtype]) -> None:
+    """A folder written without a model in memory (`tunesmith merge CONFIG.yaml`, streamed tensor by tensor):
+    reloaded, every weight present in the dtype planned (`dtypes`: name -> dtype), the tokenizer loads with the
+    donor's chat template, the embedding covers the vocabulary, and the model answers with finite logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, problems = Path(folder), []
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        tokenizer = None
+        problems.append(f"the tokenizer does not load ({e})")
+    donor_template = getattr(AutoTokenizer.from_pretrained(donor), "chat_template", None)
+    if tokenizer is not None and donor_template and not tokenizer.chat_template:
+        problems.append("the chat template is missing")
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", output_loading_info=True)
+    if info["missing_keys"]:
+        problems.append(f"weights missing from the files: {', '.join(sorted(info['missing_keys'])[:5])}")
+    stored = model.state_dict()
+    problems += [f"{name} is stored as {stored[name].dtype}, not {want}" for name, want in dtypes.items()
+                 if name in stored and stored[name].dtype != want][:5]
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and len(tokenizer) > rows:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows")
+    if tokenizer is not None and not problems:
+        with torch.no_grad():
+            ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+            if not torch.isfinite(model(ids).logits).all():
+                problems.append("the logits of a prompt are not finite")
+    if problems:
+        raise ArtifactCheckError(f"{folder} was written but does not reload as a usable model: "
+                                 + "; ".join(problems) + ".")
+    log.info("checked %s: reloads with every weight, its tokenizer and finite logits", folder)
+
+
 def weight_problems(model, reloaded, dtype: torch.dtype | None, quantized: bool) -> list[str]:
     problems = []
     config = reloaded.config

@@ -64,6 +64,9 @@ def merge_recipe(recipe: Recipe, out_dir: str | Path, seed: int | None = 0, max_
         files = writer.close()
         write_config(readers[donor], out, recipe, untie)
         write_tokenizer(recipe, entries, folders, donor, out, scratch, where)
+        from tunesmith.export.check import check_merged_folder
+
+        check_merged_folder(out, folders[donor], {name: dtype for name, dtype, _ in plan})
     write_record(recipe, out, seed)
     summary = {"method": method.name, "inputs": [e.model for e in entries], "tensors": len(plan), "files": files,
                "out": str(out), "seconds": round(time.perf_counter() - start, 2)}
