@@ -27,6 +27,7 @@ FLAGS = {  # subcommand -> what its --help must list
     "data demo": ["--out", "--seed", "--task", "--variant"],
     "data harness": ["--out", "--seed"],
     "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
+    "runs": ["DIR", "--json", "--plot", "--out"],
 }
 
 

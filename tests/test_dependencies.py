@@ -23,6 +23,8 @@ PACKAGE = ROOT / "tunesmith"
 OPTIONAL_IMPORTS = {
     ("tunesmith/methods/peft_bridge.py", "peft"): "peft",  # method.name=peft only
     ("tunesmith/evaluate/harness.py", "lm_eval"): "harness",  # tunesmith eval --harness only
+    ("tunesmith/train/trackers.py", "mlflow"): "mlflow",  # train.report_to=[mlflow] only
+    ("tunesmith/train/trackers.py", "wandb"): "wandb",  # train.report_to=[wandb] only
 }
 
 # Runtime needs of the libraries tunesmith calls, which the import scan cannot see: package -> why it is
@@ -30,6 +32,7 @@ OPTIONAL_IMPORTS = {
 # transformers would need it even if those imports went.)
 INDIRECT_RUNTIME = {
     "accelerate": "transformers loads a GGUF file (the built-in model ships as one) only with accelerate",
+    "tensorboard": "torch.utils.tensorboard (train/trackers.py, train.report_to's default) writes with tensorboard",
 }
 
 # Left out of constraints.txt on purpose: the Makefile's TORCH picks the torch build (CPU or CUDA).

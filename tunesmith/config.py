@@ -263,6 +263,25 @@ class TrainConfig(Section):
         0, ge=0, description="CPU threads for torch; 0: OMP_NUM_THREADS if set, else the CPUs this process may use "
         "(affinity and cgroup quota) divided by the processes on the node.",
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Loggers fed what metrics.jsonl gets, plus the config and the test scores (docs/evaluation.md): "
+        "tensorboard (event files in <output.dir>/tensorboard), mlflow (a local store in <output.dir>/mlflow.db unless "
+        "MLFLOW_TRACKING_URI is set), wandb (offline unless WANDB_MODE is set); mlflow and wandb need their package "
+        "installed. []: metrics.jsonl alone.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, names: Any) -> Any:
+        return [names] if isinstance(names, str) else names  # train.report_to=tensorboard
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, names: list[str]) -> list[str]:
+        if len(set(names)) < len(names):
+            raise ValueError(f"a logger is listed twice in {names}")
+        return names
 
 
 class EvalConfig(Section):

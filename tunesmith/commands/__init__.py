@@ -13,4 +13,5 @@ MODULES = (
     "tunesmith.commands.artifacts",  # merge, quantize
     "tunesmith.commands.export",  # export (GGUF)
     "tunesmith.commands.data",  # data demo
+    "tunesmith.commands.runs",  # runs (the run directories side by side)
 )

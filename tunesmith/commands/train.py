@@ -73,14 +73,27 @@ def train(cfg: Config) -> dict:
         load model and data -> score the test set (before) -> apply the method -> the loop
         -> save the artifact -> score the test set (after) -> summary.json, report.md
 
-    Under torchrun (docs/distributed.md) every process runs this; rank 0 alone writes files."""
+    The loggers of train.report_to (train/trackers.py) get the loop's metrics and the scores, and are
+    closed however the run ends. Under torchrun (docs/distributed.md) every process runs this; rank 0
+    alone writes files."""
+    from tunesmith.train.trackers import Trackers
+
+    if not cfg.data.train:
+        raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
+    trackers = Trackers(cfg, cfg.output.dir)  # a listed logger that is not installed fails here, before loading
+    try:
+        return train_and_score(cfg, trackers)
+    finally:
+        trackers.close()
+
+
+def train_and_score(cfg: Config, trackers) -> dict:
+    """train() with its loggers open."""
     from tunesmith.evaluate.task import evaluation_summary
     from tunesmith.methods.registry import describe_method
     from tunesmith.models.loading import peak_rss_mib
     from tunesmith.train import distributed
 
-    if not cfg.data.train:
-        raise UserError("data.train is not set: name a training file (e.g. data.train=data/train.jsonl).")
     run_dir, model, tokenizer, data, objective = load_run(cfg)
     before = score_before(objective, model, tokenizer, cfg, run_dir) if objective.add_head is None else None
     if objective.prepare is not None:  # on the base model, before the method changes it
@@ -92,7 +105,7 @@ def train(cfg: Config) -> dict:
         before = score_before(objective, model, tokenizer, cfg, run_dir)
     objective = objective.configured(cfg.objective, method)  # e.g. DPO's reference: the method switched off
     started = time.time()
-    model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id)
+    model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id, trackers)
     train_seconds = time.time() - started
     score_test = test_scorer(objective, model, tokenizer, cfg)  # fine_tune may hand back another copy (FSDP2)
     after = score_test("after") if cfg.data.test else None
@@ -123,6 +136,7 @@ def train(cfg: Config) -> dict:
         from tunesmith.evaluate.report import write_report
 
         atomic_write_json(run_dir / "summary.json", summary)
+        trackers.log_evaluation(summary)
         log.info("report: %s\nadapter: %s", write_report(run_dir, summary), run_dir / "adapter")
     distributed.shutdown()
     return summary
@@ -185,8 +199,9 @@ def apply_method(model, cfg: Config, objective=None):
     return method, trainable, total
 
 
-def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id: int):
-    """Run the loop; save the artifact and the loss plot. Returns (a whole trained model, the final state)."""
+def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id: int, trackers=None):
+    """Run the loop (its metrics also to `trackers`); save the artifact and the loss plot. Returns (a whole trained
+    model, the final state)."""
     from tunesmith.evaluate.report import plot_loss
     from tunesmith.train import distributed
     from tunesmith.train.loop import train as train_loop
@@ -194,7 +209,7 @@ def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id
     # The groups are built inside the loop: FSDP2 (full under torchrun) replaces the parameters first.
     state = train_loop(model, data.train, data.validation, cfg, run_dir, pad_id,
                        param_groups=lambda m: method.param_groups(m, cfg.method), after_step=method.after_step,
-                       objective=objective)
+                       objective=objective, trackers=trackers)
     if distributed.is_sharded(model):
         del model  # FSDP2 left each process a shard of every weight; the artifact and scoring need whole ones
         model = trained_model_from_checkpoint(cfg, method, run_dir, objective)

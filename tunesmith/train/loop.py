@@ -142,10 +142,14 @@ def rollout_generator(seed: int, step: int) -> torch.Generator:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped.
-    Rank 0 alone writes it; on the other processes this is a no-op."""
+    Rank 0 alone writes it; on the other processes this is a no-op. Every record also goes to the
+    loggers of train.report_to (`trackers`, train/trackers.py), opened here with the resume step."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, trackers=None):
         self.path = path if distributed.is_main() else None
+        self.trackers = trackers
+        if trackers is not None:
+            trackers.start(resume_step)
         if self.path is None:
             return
         if resume_step is None:
@@ -160,6 +164,8 @@ class MetricsLog:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record["step"], record)
 
 
 def _line_step(line: str) -> float:
@@ -235,7 +241,7 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
           loss_fn: LossFn | None = None,
           param_groups: list[dict] | Callable[[torch.nn.Module], list[dict]] | None = None,
           after_step: Callable[[torch.nn.Module], None] | None = None,
-          objective: Objective | None = None):
+          objective: Objective | None = None, trackers=None):
     """Train `model` in place. Returns the final TrainState.
 
     `objective` (default: the configured one) batches, normalises and scores; `loss_fn` replaces its
@@ -244,6 +250,7 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
     need no branch in this loop. `param_groups` may be a function of the model: under torchrun with
     method.name=full, FSDP2 replaces every parameter by a shard, so the groups must be built after it
     did (distributed.py), and on return `model` holds shards (the final checkpoint holds the whole weights).
+    `trackers` (train/trackers.py) get every metrics.jsonl record too; the caller closes them.
     """
     device = next(model.parameters()).device
     run_dir = Path(run_dir)
@@ -260,7 +267,7 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
             param_groups = param_groups(model)
         optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
         state = resume_state(run_dir, model, optimizer, schedule.total_steps, t.resume)
-        metrics = MetricsLog(run_dir / "metrics.jsonl", state.step if state else None)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", state.step if state else None, trackers)
         state = state or TrainState()
         setup.runner.train()
         bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
