@@ -79,6 +79,10 @@ class Recipe(Strict):
     tokenizer_source: str | None = None
     tokenizer: TokenizerChoice | None = None
     chat_template: str | None = None
+    # tunesmith's own: `output: adapter` merges LoRA adapters into one adapter (merge/adapters.py), exactly or
+    # truncated by SVD to `rank`
+    output: Literal["model", "adapter"] | None = None  # unset: model
+    rank: int | None = None
 
     def tokenizer_donor(self) -> str | None:
         """'base', a model reference, or None (the donor model's own tokenizer files)."""
@@ -116,6 +120,8 @@ def parse_recipe(tree: dict, where: str = "the merge config") -> Recipe:
                         "(a string with '{'); tunesmith ships only the chatml named template.")
     if not recipe.models:
         raise UserError(f"{where}: `models:` is empty; list the models to merge.")
+    if recipe.rank is not None and recipe.output != "adapter":
+        raise UserError(f"{where}: `rank:` applies to `output: adapter` only (an adapter merge truncated by SVD).")
     return recipe
 
 

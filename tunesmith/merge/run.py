@@ -45,6 +45,10 @@ def merge_recipe(recipe: Recipe, out_dir: str | Path, seed: int | None = 0, max_
                  where: str = "the merge config") -> dict:
     from tunesmith.merge.inputs import resolve_reference, same_reference
 
+    if recipe.output == "adapter":
+        from tunesmith.merge.adapters import merge_recipe_adapters
+
+        return merge_recipe_adapters(recipe, out_dir, seed, where)
     start = time.perf_counter()
     method = get_merge_method(recipe.merge_method)
     check_parameter_names(recipe, method, where)
