@@ -28,6 +28,7 @@ FLAGS = {  # subcommand -> what its --help must list
     "data harness": ["--out", "--seed"],
     "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
     "runs": ["DIR", "--json", "--plot", "--out"],
+    "serve": ["--base", "--adapter", "--port", "--host", "--max-loaded-adapters", "--api-key", "--config"],
 }
 
 

@@ -13,5 +13,6 @@ MODULES = (
     "tunesmith.commands.artifacts",  # merge, quantize
     "tunesmith.commands.export",  # export (GGUF)
     "tunesmith.commands.data",  # data demo
+    "tunesmith.commands.serve",  # serve (OpenAI-compatible API)
     "tunesmith.commands.runs",  # runs (the run directories side by side)
 )

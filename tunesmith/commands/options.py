@@ -63,10 +63,12 @@ def flag(name: str) -> str:
 
 
 def _kind(field: FieldInfo) -> dict[str, Any]:
-    """argparse's type, choices or action for a field's annotation (str, int, X | None, Literal, bool)."""
+    """argparse's type, choices or action for a field's annotation (str, int, X | None, Literal, bool, list[X])."""
     annotation = field.annotation
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}  # --double-quant / --no-double-quant
+    if typing.get_origin(annotation) is list:  # a repeatable flag: --adapter a=x --adapter b=y
+        return {"action": "append", "type": typing.get_args(annotation)[0]}
     if typing.get_origin(annotation) is Literal:
         choices = typing.get_args(annotation)
         return {"choices": list(choices), "type": type(choices[0])}
