@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer, logits
-from test_methods_merge import trained_artifact
+from test_methods_merge import base_dir, trained_artifact  # noqa: F401 (base_dir: a fixture)
 
 from tunesmith.commands.export import ExportConfig, export
 from tunesmith.errors import UserError
@@ -36,14 +36,6 @@ def gguf_tensors(path: Path) -> dict[str, np.ndarray]:
 
     return {t.name: dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
             for t in GGUFReader(path).tensors}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    build_tiny_model().save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_rotary_interleave_pairs_each_half_of_a_head():

@@ -6,20 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer, logits
+from conftest import build_tiny_model, logits
+from test_methods_merge import base_dir  # noqa: F401 (a fixture: the tiny model saved with its tokenizer)
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UserError
 from tunesmith.merge.adapters import merge_adapters, read_lora
 from tunesmith.methods.registry import get_method, load_artifact
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    build_tiny_model().save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def trained(base_dir: Path, out: Path, seed: int, name: str = "lora", **settings) -> torch.Tensor:
