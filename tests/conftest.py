@@ -162,3 +162,48 @@ def assert_resumes_bit_exact(run, tmp_path, monkeypatch) -> list[dict]:
     assert whole.keys() == resumed.keys() and whole
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     return [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+
+
+ENCODER_WORDS = ("the a of to in is what how why where which who does do can river bank money loan interest water "
+                 "fish boat bridge city north south old new red blue green tree forest mountain snow rain sun").split()
+
+
+def build_tiny_encoder(folder, pooling="mean", normalize: bool = True, max_seq_length: int | None = 24,
+                       seed: int = 0, sentence_transformers: bool = True):
+    """A 2-layer BERT (hidden size 32) with a WordPiece tokenizer over ENCODER_WORDS, saved in `folder` as a
+    sentence-transformers folder (modules.json, 1_Pooling with `pooling`, Normalize if asked), or as a plain
+    transformers folder. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ENCODER_WORDS, *"abcdefghijklmnopqrstuvwxyz?.,",
+             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    if not sentence_transformers:
+        return folder
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, **{f"pooling_mode_{m}_tokens" if m in ("mean", "max") else
+                                             {"cls": "pooling_mode_cls_token", "lasttoken": "pooling_mode_lasttoken",
+                                              "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens"}[m]: True
+                                             for m in modes}}), encoding="utf-8")
+    if max_seq_length:
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                      "do_lower_case": False}), encoding="utf-8")
+    return folder

@@ -29,6 +29,8 @@ FLAGS = {  # subcommand -> what its --help must list
     "score": ["model", "data", "--out", "--batch-size", "--max-seq-len", "--system-prompt", "--config"],
     "runs": ["DIR", "--json", "--plot", "--out"],
     "serve": ["--base", "--adapter", "--port", "--host", "--max-loaded-adapters", "--api-key", "--config"],
+    "embed eval": ["data", "--model", "--baseline", "--split", "--batch-size", "--resamples", "--seed", "--device",
+                   "--out", "--config"],
 }
 
 

@@ -15,4 +15,5 @@ MODULES = (
     "tunesmith.commands.data",  # data demo
     "tunesmith.commands.serve",  # serve (OpenAI-compatible API)
     "tunesmith.commands.runs",  # runs (the run directories side by side)
+    "tunesmith.commands.embed",  # embed eval (embedding models for retrieval)
 )
