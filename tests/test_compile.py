@@ -23,6 +23,7 @@ def losses(run_dir) -> list[float]:
     return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 85 s on 2 cores: inductor compiles every layer, forward and backward, for two shapes
 @needs_compiler
 def test_compiled_layers_train_like_eager(tmp_path):
     """Two steps of the tiny model, every weight trained, padded rows of changing widths (dynamic shapes)."""

@@ -43,6 +43,7 @@ def test_second_load_is_cached_and_not_converted_again(default_model, monkeypatc
     assert weights.stat().st_mtime_ns == written
 
 
+@pytest.mark.slow  # ~65 s on 2 cores; peft parity on tiny models is in make test (test_peft_format.py)
 def test_real_model_adapter_matches_peft_and_learns(default_model, tmp_path):
     """A few SFT steps on the demo task lower the loss; the saved adapter gives peft's logits."""
     import copy
