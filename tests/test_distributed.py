@@ -116,7 +116,7 @@ def test_ddp_two_processes_train_like_one_with_twice_the_batch(workspace):
     assert [] in by_micro.values()  # the short last micro-batch of an epoch left one process without a row
 
 
-@pytest.mark.slow  # ~36 s: make test keeps the DDP and DPO two-process runs; kill and resume under torchrun here
+@pytest.mark.slow  # ~36 s: make test keeps the DDP two-process run; FSDP2, kill and resume under torchrun here
 def test_fsdp2_full_fine_tuning_killed_and_resumed_matches_one_process(workspace):
     """method full (FSDP2): two processes, rank 0 killed after step 3 and the run resumed from step 2, end with
     the weights of one uninterrupted process with twice the batch."""
@@ -172,9 +172,9 @@ PREFERENCE_RUNS = {
 }
 
 
-# make test runs DPO (the reference by switching LoRA off, under DDP) and KTO with full (FSDP2, precomputed reference,
-# z0 over both processes); the others run in make test-slow (about 20 s each), to keep make test short.
-SLOW_RUNS = {("orpo", "lora"), ("simpo", "lora"), ("kto", "lora"), ("kto", "full"), ("reward", "lora")}
+# Every preference run on two processes is in make test-slow (20-30 s each); make test keeps the DDP run of the
+# plain objective above, and the preference losses' invariance to the batch split in one process.
+SLOW_RUNS = {("dpo", "lora"), ("orpo", "lora"), ("simpo", "lora"), ("kto", "lora"), ("kto", "full"), ("reward", "lora")}
 
 
 @pytest.mark.parametrize("objective,method", [pytest.param(*k, id="-".join(k), marks=[pytest.mark.slow] * (k in SLOW_RUNS))

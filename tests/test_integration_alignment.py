@@ -48,6 +48,7 @@ def test_a_reward_model_ranks_held_out_pairs(tmp_path, demo_pairs):
     assert summary["after"]["pair_accuracy"] >= 90.0
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; the DPO loss itself is checked against TRL in make test
 def test_dpo_prefers_the_chosen_answers_of_held_out_pairs(tmp_path, demo_pairs):
     """>= 85% of the 20 validation pairs have a higher implicit reward on the chosen answer than on the rejected
     one (at the start: 0%, every reward is 0)."""

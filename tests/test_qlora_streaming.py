@@ -200,6 +200,7 @@ def check_load_memory(tmp_path, size: str) -> tuple[dict, int]:
     return r, sum(math.prod(s) for s in shapes.values())
 
 
+@pytest.mark.slow  # ~23 s; make test keeps the default model's streamed load (test_default_model_streams_the_same_bytes)
 def test_nf4_load_of_a_213m_model_holds_no_float_copy(tmp_path):
     """213M parameters (852 MB in fp32), 1 shard: measured 680 MiB peak, 389 after imports, model 214."""
     r, params = check_load_memory(tmp_path, "200m")

@@ -132,6 +132,7 @@ def test_kill_during_save_keeps_previous_checkpoint(workspace):
 
 
 
+@pytest.mark.slow  # ~65 s: five processes; make smoke runs generate and eval on a trained adapter in make test
 def test_generate_chat_and_eval_use_the_trained_adapter(workspace):
     """The after-training commands run on the adapter the train command wrote."""
     root, config = workspace
