@@ -189,3 +189,35 @@ def test_wandb_runs_offline_in_the_run_dir(tmp_path, monkeypatch):
     fed(Trackers(tiny_config(tmp_path, "train.report_to=[wandb]"), run_dir))
     assert json.loads((run_dir / "trackers.json").read_text())["wandb"]
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_mlflow_and_wandb_follow_a_real_resumed_run(workspace, tmp_path, monkeypatch):
+    """The same kill and resume as above with MLflow and W&B listed: MLflow's run holds each step once, with the
+    values of metrics.jsonl (the replayed steps are not logged again), and W&B continues its offline run."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    from tunesmith.commands.train import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    root, model_dir, paths, _ = workspace
+    run_dir = tmp_path / "run"
+    report_to = "train.report_to=[tensorboard,mlflow,wandb]"
+    train(load_config(None, [*overrides(model_dir, paths, run_dir), report_to]))
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    (run_dir / "summary.json").unlink()
+    summary = train(load_config(None, [*overrides(model_dir, paths, run_dir), report_to, "train.resume=true"]))
+
+    assert json.loads((run_dir / "trackers.json").read_text()) == ids  # the same runs continued
+    client = MlflowClient(tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    for tag, points in expected_scalars(run_dir).items():
+        got = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], tag))
+        assert [s for s, _ in got] == [s for s, _ in points], tag  # each step once
+        if tag not in ("tokens_per_s", "step_time"):  # timings: the store keeps the first attempt's
+            assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-12), tag
+    (after,) = client.get_metric_history(ids["mlflow"], "eval/after/exact_match")
+    assert after.step == summary["steps"]
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']}"))) == 2  # the first run and the resume

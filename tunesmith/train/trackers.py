@@ -11,8 +11,9 @@ and `eval/after/<metric>` (summary.json's `before` and `after`).
 Resume: a killed run resumed from checkpoint step c keeps metrics.jsonl's lines of steps <= c
 (train/loop.py, MetricsLog). TensorBoard's writer is opened with purge_step = c + 1, which makes the
 reader drop every event of step > c written before, so no step is shown twice. MLflow and W&B continue
-the same run (its id is kept in <run_dir>/trackers.json); W&B ignores steps below its last, MLflow
-keeps both values of a step logged twice.
+the same run (its id is kept in <run_dir>/trackers.json). W&B ignores steps below its last; MLflow would keep
+both values of a step logged twice, so the MLflow tracker skips the steps it already holds (the resumed run
+recomputes them bit for bit, so nothing is lost).
 
 Rank 0 alone writes (distributed.is_main()). No tracker reaches the network unless the user says so:
 MLflow writes a local store in the run dir (<run_dir>/mlflow.db, artifacts in <run_dir>/mlruns) unless
@@ -86,8 +87,10 @@ class MlflowTracker:
         local = "MLFLOW_TRACKING_URI" not in os.environ
         uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}" if local else os.environ["MLFLOW_TRACKING_URI"]
         self.client = MlflowClient(tracking_uri=uri)
+        self.logged: dict[str, int] = {}  # metric -> its last step in the store (a resumed run replays steps)
         if resume_step is not None and ids.get("mlflow"):
             self.run_id = ids["mlflow"]
+            self.logged = self._last_logged_steps()
         else:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "tunesmith"
             experiment = self.client.get_experiment_by_name(name)
@@ -105,11 +108,17 @@ class MlflowTracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def _last_logged_steps(self) -> dict[str, int]:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in keys}
+
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        fresh = [Metric(k, v, now, step) for k, v in values.items() if step > self.logged.get(k, 0)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def log_text(self, tag: str, text: str) -> None:
         self.client.log_text(self.run_id, text, f"{tag}.yaml")
