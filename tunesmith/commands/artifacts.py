@@ -57,6 +57,13 @@ def register(subparsers) -> None:
     p.add_argument("recipe_out", nargs="?", metavar="OUT_DIR", help="with CONFIG.yaml: the output model folder")
     p.add_argument("--random-seed", type=int, default=0,
                    help="with CONFIG.yaml: seed of the random methods (dare_*, della*), as mergekit-yaml's (default 0)")
+    p.add_argument("--eval", action="append", default=[], metavar="EVAL.yaml",
+                   help="with CONFIG.yaml: score every input and the merge on this config's test split (data.test, "
+                   "eval.metrics); repeatable, one held-out set each; table in OUT_DIR/merge_eval.md")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="with --eval: merge once per value (into OUT_DIR/KEY=V) and score each; KEY: weight (the first "
+                   "model's share, the rest split 1 - V), density, lambda, t, ... or models.I.KEY; repeatable (every "
+                   "combination)")
     p.set_defaults(run=_run_merge)
 
     p = subparsers.add_parser("quantize", help="write a bitsandbytes 4-bit or 8-bit checkpoint that transformers loads",
@@ -68,10 +75,21 @@ def register(subparsers) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> None:
+    if args.recipe is not None and (args.eval or args.sweep):
+        from tunesmith.merge.evaluate import merge_and_evaluate
+
+        if not args.eval or args.recipe_out is None:
+            raise UserError("tunesmith merge CONFIG.yaml OUT_DIR --eval EVAL.yaml [--sweep KEY=V1,V2]: --sweep needs "
+                            "--eval, and both need the output folder after the config file.")
+        merge_and_evaluate(args.recipe, args.recipe_out, args.random_seed, args.eval, args.sweep)
+        return None
     if args.recipe is not None:
         from tunesmith.merge.run import run_from_cli
 
         return run_from_cli(args.recipe, args.recipe_out, args.random_seed)
+    if args.eval or args.sweep:
+        raise UserError("--eval and --sweep work with a merge recipe: tunesmith merge CONFIG.yaml OUT_DIR --eval "
+                        "EVAL.yaml.")
     o: MergeConfig = resolve_options(args)
     merge(o.adapter, o.out, o.model, o.quantization)
 

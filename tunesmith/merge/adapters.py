@@ -24,94 +24,56 @@ The merged change is written as one PEFT LoRA adapter (alpha = r, so the scale s
 Both report, per layer, the relative error ||dW - B A||_F / ||dW||_F of the factors as saved (fp32),
 in the returned summary and in adapter_merge_report.json beside the adapter.
 
-Refused, with the reason: DoRA (its change m (W0 + sBA) / ||W0 + sBA||_c - W0 depends on the base
-weights and is no low-rank product, so a merge of DoRA changes is not a LoRA adapter), VeRA (its
-layers' change diag(b) B[:out] diag(d) A[:, :in] needs each layer's input size from the base model;
-not implemented), other PEFT types and tunesmith's own artifact formats, slerp and model_stock
-(they act on the whole weights W0 + dW, not on task vectors), and inputs whose layers disagree in shape.
+DoRA and VeRA inputs (adapter_inputs.py reads every kind as factors): VeRA is the LoRA factors
+B = diag(b) B_v[:out], A = diag(d) A_v[:, :in] with s = 1, so everything above holds for it. A DoRA
+change dW_i = diag(k_i) (W0 + s_i B_i A_i) - W0 depends on the base weights W0 (read per layer from
+the base model): the exact methods then write a DoRA adapter, exact for any weights (dora_merge.py
+derives it: a row scaling D of W0 + low rank), and `rank` writes the SVD of the merged dW as LoRA.
+`variant: peft` gives peft's add_weighted_adapter factors instead (peft_variants.py).
+
+Refused, with the reason: a DoRA row whose merged weight keeps no part of W0 (D = 0, no DoRA form), a
+DoRA adapter trained on a 4-bit base, DoRA and VeRA under variant: peft, other PEFT types and
+tunesmith's own artifact formats, slerp and model_stock (they act on the whole weights W0 + dW, not
+on task vectors), and inputs whose layers disagree in shape.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.merge.adapter_inputs import A_KEY, B_KEY, M_KEY, AdapterFactors, BaseWeights, read_adapter
 
 log = logging.getLogger(__name__)
 
 ADAPTER_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 EXACT_METHODS = ("linear", "task_arithmetic")
 REPORT_NAME = "adapter_merge_report.json"
-A_KEY, B_KEY = ".lora_A.weight", ".lora_B.weight"
 
 
-@dataclass
-class LoraFactors:
-    """One input adapter: per layer name (PEFT's, without the prefix) its A (r, in) and B (out, r)."""
-
-    folder: Path
-    raw: dict
-    r: int
-    scale: float
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    def delta(self, name: str) -> torch.Tensor | None:
-        """s B A (out, in) in fp32, or None when this adapter does not adapt the layer."""
-        if name not in self.layers:
-            return None
-        a, b = self.layers[name]
-        return (b.float() @ a.float()) * self.scale
+def read_lora(folder: str | Path, base_model: str | None = None) -> AdapterFactors:
+    """One input adapter (LoRA, rsLoRA, DoRA, VeRA) as factors per layer (adapter_inputs.py)."""
+    return read_adapter(folder, BaseWeights(base_model or recorded_base([folder])))
 
 
-def read_lora(folder: str | Path) -> LoraFactors:
-    """A PEFT LoRA/rsLoRA adapter folder; everything else is refused with the reason."""
-    from tunesmith.files import read_json
-    from tunesmith.methods.artifact import ARTIFACT_NAME
-    from tunesmith.methods.io import CONFIG_NAME, PREFIX, read_adapter_config, read_adapter_weights
-
-    folder = Path(folder).expanduser()
-    if not (folder / CONFIG_NAME).is_file():
-        kind = "a tunesmith artifact (its own format)" if (folder / ARTIFACT_NAME).is_file() else "no adapter folder"
-        raise UserError(f"{str(folder)!r} is {kind}: adapters merge into an adapter only from PEFT LoRA adapters "
-                        f"({CONFIG_NAME}).")
-    raw = read_json(folder / CONFIG_NAME, "the settings of a PEFT adapter")
-    if isinstance(raw, dict) and raw.get("peft_type") == "VERA":
-        raise UserError(f"{str(folder)!r} is a VeRA adapter: merging VeRA adapters into a LoRA adapter is not "
-                        "implemented (each layer's change diag(b) B[:out] diag(d) A[:, :in] needs the layer's input "
-                        "size from the base model). Merge it into whole models with a recipe instead.")
-    if isinstance(raw, dict) and raw.get("use_dora"):
-        raise UserError(f"{str(folder)!r} is a DoRA adapter: its weight change m (W0 + sBA) / ||W0 + sBA|| - W0 "
-                        "depends on the base weights and is not a low-rank product, so no LoRA adapter holds a "
-                        "merge of DoRA changes. Merge it into whole models with a recipe (output: model) instead.")
-    cfg = read_adapter_config(folder)  # refuses other peft types and options our LoRA does not compute
-    path, state = read_adapter_weights(folder, "the weights of a LoRA adapter")
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        suffix = next((s for s in (A_KEY, B_KEY) if key.endswith(s)), None)
-        if not key.startswith(PREFIX) or suffix is None:
-            raise UserError(f"{str(path)!r} holds {key!r}, which is not a LoRA A or B weight; only plain LoRA "
-                            "adapters merge into an adapter.")
-        layers.setdefault(key[len(PREFIX):-len(suffix)], {})[suffix] = tensor
-    pairs = {}
-    for name, ab in layers.items():
-        if set(ab) != {A_KEY, B_KEY}:
-            raise UserError(f"{str(path)!r}: layer {name} has only one of lora_A and lora_B.")
-        a, b = ab[A_KEY], ab[B_KEY]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != cfg.r or b.shape[1] != cfg.r:
-            raise UserError(f"{str(path)!r}: layer {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, not rank "
-                            f"r={cfg.r} as {CONFIG_NAME} says.")
-        pairs[name] = (a, b)
-    scale = cfg.alpha / math.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r
-    return LoraFactors(folder, raw, cfg.r, scale, pairs)
+def recorded_base(folders) -> str | None:
+    """The first base_model_name_or_path any of the adapter folders records."""
+    for folder in folders:
+        path = Path(folder).expanduser() / "adapter_config.json"
+        try:
+            name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name:
+            return name
+    return None
 
 
-def layer_shapes(inputs: list[LoraFactors]) -> dict[str, tuple[int, int]]:
+def layer_shapes(inputs: list[AdapterFactors]) -> dict[str, tuple[int, int]]:
     """(out, in) of every layer any input adapts, sorted by name; a disagreement is a UserError."""
     shapes: dict[str, tuple[int, int]] = {}
     for x in inputs:
@@ -166,7 +128,7 @@ def exact_coefficients(method_name: str, shared: dict, weights: list[float]) -> 
     return [shared["lambda"] * w / divisor for w in weights]
 
 
-def concatenated(inputs: list[LoraFactors], coefficients: list[float], name: str, shape: tuple[int, int]):
+def concatenated(inputs: list[AdapterFactors], coefficients: list[float], name: str, shape: tuple[int, int]):
     """A = [A_1; ...] (r_total, in), B = [c_1 s_1 B_1, ...] (out, r_total); zero blocks where a layer is missing."""
     out_f, in_f = shape
     a_blocks, b_blocks = [], []
@@ -194,21 +156,25 @@ def truncated(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return a.float(), b.float()
 
 
-def relative_error(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """||dW - B A||_F / ||dW||_F (0 when dW is 0 and so is B A)."""
-    norm = delta.norm().item()
-    residual = (delta - b @ a).norm().item()
+def relative_error(delta: torch.Tensor, written: torch.Tensor) -> float:
+    """||dW - dW_written||_F / ||dW||_F in fp64 (0 when both are 0); dW_written = B A, or a DoRA layer's change."""
+    norm = delta.double().norm().item()
+    residual = (delta.double() - written.double()).norm().item()
     return residual / norm if norm > 0 else residual
 
 
 def merge_adapters(folders: list[str | Path], weights: list[float], method: str, out_dir: str | Path,
-                   rank: int | None = None, density=None, seed: int = 0, parameters: dict | None = None) -> dict:
-    """Merge LoRA adapters on their full weight changes into one PEFT LoRA adapter in out_dir (module docstring).
+                   rank: int | None = None, density=None, seed: int = 0, parameters: dict | None = None,
+                   base_model: str | None = None) -> dict:
+    """Merge LoRA, rsLoRA, DoRA and VeRA adapters on their full weight changes into one PEFT adapter in out_dir
+    (module docstring): LoRA, or DoRA when an exact merge has a DoRA input.
 
     weights: one per adapter; density: one float (or one per adapter) for ties/dare; rank: truncate by
     SVD to this rank (unset: exact concatenation, linear and task_arithmetic only); parameters: the
-    method's global parameters (normalize, lambda, rescale, variant). Returns the summary, with the
-    relative Frobenius error of every layer."""
+    method's global parameters (normalize, lambda, rescale, variant; variant: peft gives peft's
+    add_weighted_adapter, peft_variants.py); base_model: where DoRA's W0 and VeRA's layer sizes are read
+    (unset: the adapters' base_model_name_or_path). Returns the summary, with the relative Frobenius
+    error of every layer."""
     from tunesmith.merge.registry import get_merge_method
 
     if method not in ADAPTER_METHODS:
@@ -218,44 +184,97 @@ def merge_adapters(folders: list[str | Path], weights: list[float], method: str,
                         f"{', '.join(ADAPTER_METHODS)}.")
     if not folders:
         raise UserError("Give at least one adapter folder to merge.")
+    parameters = dict(parameters or {})
+    peft_variant = parameters.get("variant") == "peft"
+    if peft_variant:
+        return merge_peft_variant(folders, weights, method, out_dir, density, seed, parameters, base_model)
     if rank is None and method not in EXACT_METHODS:
         raise UserError(f"merge_method {method} changes the weights entry by entry, so the merged change is no "
                         "longer low-rank: give `rank` to write it truncated by SVD (rank = min(out, in) is exact).")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"rank={rank!r} must be a positive integer.")
     spec = get_merge_method(method)
-    inputs = [read_lora(f) for f in folders]
+    base = BaseWeights(base_model or recorded_base(folders))
+    inputs = [read_adapter(f, base) for f in folders]
     shapes = layer_shapes(inputs)
     shared, per_model = method_parameters(spec, list(weights), density, parameters, len(inputs))
     coefficients = exact_coefficients(method, shared, [p["weight"] for p in per_model]) if rank is None else None
+    dora = any(x.kind == "dora" for x in inputs)
+    why = "Merging DoRA adapters (their change depends on W0)"
     tensors, errors = {}, {}
     from tunesmith.methods.io import PREFIX
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dare draws its masks from the global RNG: layers sorted, adapters in order
         for name, shape in shapes.items():
-            deltas = [x.delta(name) for x in inputs]
-            deltas = [d if d is not None else torch.zeros(shape) for d in deltas]
-            delta = merged_delta(spec, deltas, shared, per_model)
-            if rank is None:
-                a, b = concatenated(inputs, coefficients, name, shape)
+            w0 = base.weight(name, why) if dora else None
+            if rank is None and dora:
+                from tunesmith.merge.dora_merge import dora_delta, dora_factors
+
+                a, b, m, delta = dora_factors(inputs, coefficients, name, w0)
+                errors[name] = relative_error(delta, dora_delta(a, b, m, w0))
+                tensors[f"{PREFIX}{name}{M_KEY}"] = m.contiguous()
             else:
-                a, b = truncated(delta, rank)
-            errors[name] = relative_error(delta, a.contiguous(), b.contiguous())
+                deltas = [x.delta(name, w0) for x in inputs]
+                deltas = [d if d is not None else torch.zeros(shape) for d in deltas]
+                delta = merged_delta(spec, deltas, shared, per_model)
+                a, b = concatenated(inputs, coefficients, name, shape) if rank is None else truncated(delta, rank)
+                errors[name] = relative_error(delta, b.double() @ a.double())
             tensors[f"{PREFIX}{name}{A_KEY}"] = a.contiguous()
             tensors[f"{PREFIX}{name}{B_KEY}"] = b.contiguous()
     r_out = rank if rank is not None else sum(x.r for x in inputs)
-    summary = {"method": method, "inputs": [str(x.folder) for x in inputs], "weights": [p["weight"] for p in per_model],
-               "mode": "exact" if rank is None else "svd", "r": r_out, "seed": seed,
+    kind = "dora" if rank is None and dora else "lora"
+    summary = {"method": method, "inputs": [str(x.folder) for x in inputs], "input_kinds": [x.kind for x in inputs],
+               "weights": [p["weight"] for p in per_model], "mode": "exact" if rank is None else "svd",
+               "output_kind": kind, "r": r_out, "seed": seed,
                "max_relative_error": max(errors.values(), default=0.0), "relative_error": errors, "out": str(out_dir)}
-    write_adapter(out_dir, tensors, output_config(inputs, shapes, r_out), summary)
-    log.info("%s merge of %d adapters into %s (r=%d, %s): max relative error %.3g", method, len(inputs), out_dir,
-             r_out, summary["mode"], summary["max_relative_error"])
+    write_adapter(out_dir, tensors, output_config(inputs, shapes, r_out, use_dora=kind == "dora"), summary)
+    log.info("%s merge of %d adapters into %s (%s r=%d, %s): max relative error %.3g", method, len(inputs), out_dir,
+             kind, r_out, summary["mode"], summary["max_relative_error"])
     return summary
 
 
-def output_config(inputs: list[LoraFactors], shapes: dict, r: int) -> dict:
-    """adapter_config.json of the merged adapter: plain LoRA, alpha = r (scale 1), the inputs' base and targets."""
+def merge_peft_variant(folders, weights, method: str, out_dir, density, seed: int, parameters: dict,
+                       base_model: str | None) -> dict:
+    """variant: peft: the A and B factors combined separately as peft's add_weighted_adapter does
+    (peft_variants.py). The report's relative error is against the weighted sum of the changes,
+    sum_i w_i dW_i: the cross terms' share for linear."""
+    from tunesmith.merge.peft_variants import peft_factors
+    from tunesmith.methods.io import PREFIX
+
+    other = sorted(set(parameters) - {"variant"})
+    if other:
+        raise UserError(f"variant: peft takes weights and density only ({', '.join(other)} do not exist in peft's "
+                        "add_weighted_adapter).")
+    densities = set(density) if isinstance(density, (list, tuple)) else {density}
+    if len(densities) != 1:
+        raise UserError("variant: peft takes one density for all adapters, as peft's add_weighted_adapter does.")
+    if len(weights) != len(folders):
+        raise UserError(f"Give one weight per adapter: {len(folders)} adapters, {len(weights)} weights.")
+    base = BaseWeights(base_model or recorded_base(folders))
+    inputs = [read_adapter(f, base) for f in folders]
+    shapes = layer_shapes(inputs)
+    order = base.module_order() if method.startswith("dare") else None  # peft's draw order
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        factors = peft_factors(inputs, [float(w) for w in weights], method, densities.pop(), order)
+    tensors, errors = {}, {}
+    for name in shapes:
+        a, b = factors[name]
+        want = sum(w * x.low_rank(name) for x, w in zip(inputs, weights) if name in x.layers)
+        errors[name] = relative_error(want, b.double() @ a.double())
+        tensors[f"{PREFIX}{name}{A_KEY}"], tensors[f"{PREFIX}{name}{B_KEY}"] = a, b
+    r_out = inputs[0].r
+    summary = {"method": method, "variant": "peft", "inputs": [str(x.folder) for x in inputs],
+               "weights": [float(w) for w in weights], "mode": "peft", "output_kind": "lora", "r": r_out,
+               "seed": seed, "relative_error_against": "sum_i w_i dW_i",
+               "max_relative_error": max(errors.values(), default=0.0), "relative_error": errors, "out": str(out_dir)}
+    write_adapter(out_dir, tensors, output_config(inputs, shapes, r_out), summary)
+    return summary
+
+
+def output_config(inputs: list[AdapterFactors], shapes: dict, r: int, use_dora: bool = False) -> dict:
+    """adapter_config.json of the merged adapter: LoRA (or DoRA), alpha = r (scale 1), the inputs' base, targets."""
     from tunesmith.methods.io import _PEFT_DEFAULTS
 
     bases = {x.raw.get("base_model_name_or_path") for x in inputs}
@@ -269,7 +288,7 @@ def output_config(inputs: list[LoraFactors], shapes: dict, r: int) -> dict:
         "base_model_name_or_path": inputs[0].raw.get("base_model_name_or_path"), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "lora_alpha": r,
         "lora_dropout": 0.0, "peft_type": "LORA", "r": r, "target_modules": target_modules,
-        "task_type": inputs[0].raw.get("task_type", "CAUSAL_LM"), "use_rslora": False, "use_dora": False,
+        "task_type": inputs[0].raw.get("task_type", "CAUSAL_LM"), "use_rslora": False, "use_dora": use_dora,
     }.items()))
 
 
@@ -292,7 +311,8 @@ NOT_FOR_ADAPTERS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat
 
 def merge_recipe_adapters(recipe, out_dir: str | Path, seed: int | None, where: str) -> dict:
     """A recipe whose `models:` are LoRA adapter folders, merged into one adapter (`rank:` for SVD).
-    Parameters are scalars (no per-tensor filters or gradients); base_model, when given, is not an input."""
+    Parameters are scalars (no per-tensor filters or gradients); base_model, when given, is not an input but
+    where DoRA's W0 and VeRA's layer sizes are read."""
     import time
 
     start = time.perf_counter()
@@ -318,7 +338,7 @@ def merge_recipe_adapters(recipe, out_dir: str | Path, seed: int | None, where: 
     parameters = {k: v for k, v in shared.items() if k not in per_model_keys}
     summary = merge_adapters([e.model for e in recipe.models], weights, recipe.merge_method, out_dir,
                              rank=recipe.rank, density=densities, seed=0 if seed is None else seed,
-                             parameters=parameters)
+                             parameters=parameters, base_model=recipe.base_model)
     summary.update(tensors=2 * len(summary["relative_error"]), seconds=round(time.perf_counter() - start, 2))
     return summary
 

@@ -1,0 +1,160 @@
+"""Peak memory and wall time of merging three models of the default size: tunesmith merge vs mergekit 0.1.5.
+
+    .venv-test/bin/python bench/merge.py [--methods linear,ties] [--keep DIR]
+
+Makes three models from the default model (SmolLM2-135M-Instruct) in a temporary folder: the base
+itself (m0) and two copies perturbed with seeded noise (m1, m2; W + 1e-3 N(0, 1), generator seeded
+with i), written tensor by tensor. Each method's recipe merges the three (linear: the three
+weighted alike; ties: m1 and m2 on the base m0, density 0.5), once by `tunesmith merge` and once by
+mergekit's run_merge (mergekit is a test dependency: pip install 'tunesmith[test]'), each in its own
+child process (`bench/merge.py --child ...`). The child reads its own peak resident set, VmHWM in
+/proc/self/status, when its merge is done (wait4's ru_maxrss would include the parent's peak,
+inherited at fork), and its VmRSS before the merge (the interpreter, torch and the library
+imported); the merge's wall time is timed inside the child (imports excluded).
+
+Printed: a markdown table per method with each tool's peak RSS, that peak over one model's size
+(the default model's safetensors file), the RSS before merging, the wall time, and tunesmith's
+ratio to mergekit. The targets (docs/merging.md): tunesmith's peak at most 1.5x one model, and a wall
+time no longer than mergekit's. Both run tunesmith's own checks as the commands do (tunesmith
+reloads the merged folder once; mergekit does not), so tunesmith's peak includes one loaded model.
+Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPES = {
+    "linear": lambda m: {"models": [{"model": m[i], "parameters": {"weight": 1.0}} for i in range(3)],
+                         "merge_method": "linear", "dtype": "float32"},
+    "ties": lambda m: {"models": [{"model": m[i], "parameters": {"weight": 1.0, "density": 0.5}} for i in (1, 2)],
+                       "base_model": m[0], "merge_method": "ties", "dtype": "float32"},
+}
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmHWM: the peak resident set of this process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(tool: str, recipe_path: str, out: str) -> None:
+    """Run one merge in this process and print {"seconds", "rss_before_kb", "peak_kb"} as JSON."""
+    import yaml
+
+    tree = yaml.safe_load(Path(recipe_path).read_text())
+    if tool == "tunesmith":
+        from tunesmith.merge.config import parse_recipe
+        from tunesmith.merge.run import merge_recipe
+
+        run = lambda: merge_recipe(parse_recipe(tree), out, seed=0)
+    else:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+
+        run = lambda: run_merge(MergeConfiguration.model_validate(tree), out,
+                                MergeOptions(random_seed=0, write_model_card=False, quiet=True))
+    before = status_kb("VmRSS")
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "rss_before_kb": before, "peak_kb": status_kb("VmHWM")}))
+
+
+def make_models(root: Path) -> list[str]:
+    """m0: the default model's folder; m1, m2: seeded perturbations of it, written one tensor at a time."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tunesmith.config import DEFAULT_MODEL, ModelConfig
+    from tunesmith.models.loading import resolve_model_folder
+
+    base = resolve_model_folder(ModelConfig(name_or_path=DEFAULT_MODEL))
+    models = [str(base)]
+    for i in (1, 2):
+        folder = root / f"m{i}"
+        folder.mkdir()
+        for f in base.iterdir():
+            if f.suffix != ".safetensors":
+                shutil.copy(f, folder / f.name)
+        g = torch.Generator().manual_seed(i)
+        out = {}
+        with safe_open(base / "model.safetensors", "pt") as src:
+            for key in sorted(src.keys()):
+                v = src.get_tensor(key)
+                out[key] = (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype)
+        save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+        del out
+        models.append(str(folder))
+    return models
+
+
+def measure(tool: str, recipe: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", tool, str(recipe), str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{tool} merge failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def table(method: str, model_bytes: int, results: dict) -> str:
+    mib = lambda kb: f"{kb / 1024:.0f} MiB"
+    lines = [f"{method}: three models of {model_bytes / 2**20:.0f} MiB each",
+             "| tool | peak RSS | peak / one model | RSS before merging | merge wall time | process wall time |",
+             "|---|---|---|---|---|---|"]
+    for tool, r in results.items():
+        lines.append(f"| {tool} | {mib(r['peak_kb'])} | {r['peak_kb'] * 1024 / model_bytes:.2f}x | "
+                     f"{mib(r['rss_before_kb'])} | {r['seconds']:.1f} s | {r['process_seconds']:.1f} s |")
+    ours, theirs = results["tunesmith"], results["mergekit"]
+    lines.append(f"tunesmith / mergekit: peak RSS {ours['peak_kb'] / theirs['peak_kb']:.2f}x, merge wall time "
+                 f"{ours['seconds'] / theirs['seconds']:.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="linear,ties", help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--keep", help="make the models and outputs in this folder and keep them")
+    parser.add_argument("--child", nargs=3, metavar=("TOOL", "RECIPE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+    import yaml
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in RECIPES]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tunesmith-bench-merge-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        models = make_models(root)
+        model_bytes = (Path(models[0]) / "model.safetensors").stat().st_size
+        for method in methods:
+            recipe = root / f"{method}.yaml"
+            recipe.write_text(yaml.safe_dump(RECIPES[method](models)))
+            results = {tool: measure(tool, recipe, root / f"{method}-{tool}") for tool in ("tunesmith", "mergekit")}
+            print(table(method, model_bytes, results), flush=True)
+            for tool in results:
+                shutil.rmtree(root / f"{method}-{tool}", ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
