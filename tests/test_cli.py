@@ -31,6 +31,12 @@ FLAGS = {  # subcommand -> what its --help must list
     "serve": ["--base", "--adapter", "--port", "--host", "--max-loaded-adapters", "--api-key", "--config"],
     "embed eval": ["data", "--model", "--baseline", "--split", "--batch-size", "--resamples", "--seed", "--device",
                    "--out", "--config"],
+    "embed train": ["config", "overrides", "objective.matryoshka_dims", "eval.select_best", "method.name"],
+    "embed pairs": ["data", "--out", "--generator", "--llm", "--chunk-size", "--chunk-overlap", "--round-trip-k",
+                    "--test-fraction", "--config"],
+    "embed mine": ["data", "--out", "--model", "--num-negatives", "--range-min", "--range-max",
+                   "--relative-margin", "--corpus", "--config"],
+    "embed demo": ["overrides", "--out"],
 }
 
 

@@ -119,7 +119,8 @@ class DataConfig(Section):
     train: str | None = Field(None, description="Training file (.jsonl, .json, .csv, .parquet).")
     validation: str | None = Field(None, description="Validation file; if unset, val_split of train is held out.")
     test: str | None = Field(None, description="Test file for the before/after task evaluation.")
-    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages", "preference", "unpaired"] = Field(
+    format: Literal["auto", "text", "alpaca", "prompt_completion", "messages", "preference", "unpaired",
+                    "prompt"] = Field(
         "auto", description="Row format; auto detects it from the fields of the first row."
     )
     max_seq_len: int = Field(512, ge=8, description="Longer sequences are truncated (and counted).")
@@ -160,14 +161,15 @@ class ObjectiveConfig(Section):
     )
 
     beta: float | None = Field(
-        None, gt=0, description="The preference objectives' beta; unset: the objective's default. dpo (0.1): the "
+        None, ge=0, description="The preference objectives' beta; unset: the objective's default. dpo (0.1): the "
         "pull towards the reference model, the reward of an answer is beta * (log pi(y|x) - log pi_ref(y|x)); "
         "orpo (0.1): lambda, the weight of the odds-ratio term; simpo (2.0): the reward scale; kto (0.1): as dpo, "
-        "the reward scale against the reference point z0.",
+        "the reward scale against the reference point z0. grpo (0): the weight of the k3 KL to the reference per "
+        "token; 0 skips the reference forward.",
     )
     gamma: float | None = Field(
         None, ge=0, description="simpo: the target reward margin of the paper's Eq. 6 (TRL's simpo_gamma); set it "
-        "or gamma_beta_ratio, not both; neither: gamma_beta_ratio 0.5.",
+        "or gamma_beta_ratio, not both; neither: gamma_beta_ratio 0.5. ppo: the discount of GAE (default 1).",
     )
     gamma_beta_ratio: float | None = Field(
         None, ge=0, description="simpo: the margin as gamma / beta (the SimPO authors' own configs use this scale).",
@@ -206,6 +208,78 @@ class ObjectiveConfig(Section):
         True, description="dpo with loss ipo: divide each answer's log-ratio by its token count first (TRL's "
         "choice); false: summed log-ratios (OpenRLHF's, and the paper read literally). docs/alignment.md.",
     )
+
+    # grpo (docs/rl.md): online RL on the model's own samples, scored by reward functions.
+    num_generations: int = Field(8, ge=1, description="grpo: G, completions sampled per prompt; the advantages are "
+                                 "normalised within each prompt's group (at least 2). ppo: samples per prompt.")
+    rewards: list[str | dict[str, Any]] = Field(
+        default_factory=list, description="grpo: the reward functions, each a built-in (exact_match, valid_json, "
+        "field_accuracy, regex_format, length), a module:function on the Python path with TRL's signature "
+        "f(prompts, completions, **columns) -> list[float], or {name, weight, options} (options: keyword arguments, "
+        "e.g. a regex_format pattern). The reward is the weighted sum.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="grpo: the longest completion sampled; longer ones are cut "
+                                "(counted as truncated).")
+    temperature: float = Field(1.0, ge=0, description="grpo: sampling temperature (0: greedy, every sample alike).")
+    top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling, keep the most likely tokens up to this "
+                         "mass; 1: off.")
+    top_k: int = Field(0, ge=0, description="grpo: sample among the k most likely tokens; 0: off.")
+    epsilon_low: float = Field(0.2, ge=0, lt=1, description="grpo: the importance ratio is clipped below at "
+                               "1 - epsilon_low.")
+    epsilon_high: float = Field(0.2, ge=0, description="grpo: ... and above at 1 + epsilon_high (DAPO's clip-higher "
+                                "uses 0.28).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="grpo: how token losses are averaged: grpo (per sequence, then over sequences), bnpo (per "
+        "token in each micro-batch), dr_grpo (sum / (sequences * max_new_tokens)), dapo (per token over the step's "
+        "whole batch; TRL's default).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide advantages by the std of the group's rewards, of the batch's, or none "
+        "(Dr. GRPO).",
+    )
+    num_iterations: int = Field(1, ge=1, description="grpo: optimizer steps per rollout; the steps after the first "
+                                "reuse its samples with the sampling policy's log-probabilities as the old ones.")
+    kl_every: int = Field(0, ge=0, description="grpo: log the KL to the reference every N steps even with beta 0 (one "
+                          "more forward then); 0: only when beta > 0.")
+    dynamic_sampling: bool = Field(False, description="grpo: draw flat groups (every completion rewarded alike, no "
+                                   "signal) again with new seeds, up to 3 times (DAPO's dynamic sampling).")
+    # ppo (docs/rl.md, "PPO"): the sampling options and epsilon_low/high above apply too.
+    reward_model: str | None = Field(None, description="ppo (and grpo): a reward model folder (output.dir/reward_model "
+                                     "of an objective.name=reward run) whose score is a reward, as tunesmith score "
+                                     "computes it.")
+    kl_coef: float = Field(0.05, ge=0, description="ppo: the per-token KL penalty -kl_coef * (log pi - log ref) in the "
+                           "reward (TRL's init_kl_coef).")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: lambda of GAE.")
+    ppo_epochs: int = Field(4, ge=1, description="ppo: passes over each rollout; a rollout serves ppo_epochs * "
+                            "num_minibatches optimizer steps.")
+    num_minibatches: int = Field(1, ge=1, description="ppo: minibatches a rollout is cut into per pass (one "
+                                 "optimizer step each).")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: the weight of the value loss.")
+    cliprange_value: float = Field(0.2, gt=0, description="ppo: new values are clipped to old +- this in the value loss.")
+    whiten_rewards: bool = Field(False, description="ppo: whiten the per-token rewards (keeping their mean) before GAE.")
+    value_init: Literal["normal", "reward_model"] = Field(
+        "normal", description="ppo: the value head starts as N(0, initializer_range) or as the reward model's score "
+        "head (the same base model required).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_are_specs(cls, specs: list) -> list:
+        from tunesmith.rl.rewards import parse_spec
+
+        for spec in specs:
+            parse_spec(spec)
+        return specs
+
+    @model_validator(mode="after")
+    def _grpo_options(self) -> "ObjectiveConfig":
+        if self.name == "grpo" and self.num_generations < 2:
+            raise ValueError("objective.num_generations must be >= 2 for grpo (advantages compare a prompt's samples)")
+        if self.name == "grpo" and not self.rewards:
+            raise ValueError("objective.name=grpo needs objective.rewards, e.g. [field_accuracy] or "
+                             "[my_module:my_reward]")
+        if self.beta == 0 and self.name != "grpo":
+            raise ValueError(f"objective.beta must be > 0 for {self.name} (0 is grpo's: no KL term)")
+        return self
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> "ObjectiveConfig":
@@ -418,12 +492,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return build_config(tree, str(path) if path else "command line")
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line per problem; `root` is the schema validated (default Config; embed train passes its own)."""
     lines = [f"Invalid configuration in {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key {key!r}; allowed here: {', '.join(_allowed_keys(item['loc']))}")
+            lines.append(f"  - unknown key {key!r}; allowed here: {', '.join(_allowed_keys(item['loc'], root))}")
             continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {_SHORT.repr(value)[:300]})"
@@ -436,8 +511,8 @@ _SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 200, 200, 2, 6, 6
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Config
+def _allowed_keys(loc: tuple, root: type[BaseModel] | None = None) -> list[str]:
+    model: type[BaseModel] = root or Config
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)

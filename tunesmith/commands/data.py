@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     d = data_sub.add_parser("demo", help="write a built-in demo task (train/validation/test JSONL)",
                             description="Write a built-in demo task (seeded) as train/validation/test JSONL, in the "
                             "same format users bring. --task json (default): JSON extraction, and the same rows as "
-                            "preference pairs (preference_*.jsonl) and unpaired rows (unpaired_*.jsonl); --task qa: "
+                            "preference pairs (preference_*.jsonl), unpaired rows (unpaired_*.jsonl) and prompts "
+                            "with their answer for GRPO (prompt_*.jsonl); --task qa: "
                             "questions on a short text with one-sentence answers (free text, docs/evaluation.md).")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")

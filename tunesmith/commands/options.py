@@ -104,10 +104,11 @@ def _describe(error: ValidationError, command: str, section: type[Section], give
     return "\n".join(lines)
 
 
-def describe_options() -> str:
-    """Every key of the run config with its default and doc, for the `--help` of train, eval and demo."""
+def describe_options(schema: type[Section] | None = None) -> str:
+    """Every key of the run config (default Config; embed train passes its own) with its default and doc, for the
+    `--help` of train, eval and demo."""
     out = []
-    for section, field in Config.model_fields.items():
+    for section, field in (schema or Config).model_fields.items():
         model = field.annotation
         out.append(f"{section}:")
         for key, f in model.model_fields.items():

@@ -104,6 +104,8 @@ def train_and_score(cfg: Config, trackers) -> dict:
     if objective.add_head is not None:  # the method computes the base model until trained; the head is fresh
         before = score_before(objective, model, tokenizer, cfg, run_dir)
     objective = objective.configured(cfg.objective, method)  # e.g. DPO's reference: the method switched off
+    if objective.bind_run is not None:  # online RL: the tokenizer, the rows and output.dir for its rollouts
+        objective = objective.bind_run(cfg, tokenizer, run_dir, data)
     started = time.time()
     model, state = fine_tune(model, method, data, objective, cfg, run_dir, tokenizer.pad_token_id, trackers)
     train_seconds = time.time() - started

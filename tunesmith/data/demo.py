@@ -162,7 +162,8 @@ def demo_rows(n: int, seed: int = 0, variant: str = "easy") -> list[dict]:
 def write_demo(out_dir: str | Path, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 100,
                variant: str = "easy") -> dict[str, Path]:
     """Write train/validation/test .jsonl files (no prompt in two of them), the same rows as preference pairs
-    (preference_<split>.jsonl) and as unpaired rows (unpaired_train, unpaired_validation); returns name -> path."""
+    (preference_<split>.jsonl), as unpaired rows (unpaired_train, unpaired_validation) and as prompts for online
+    RL ({"prompt", "answer"}: prompt_<split>.jsonl, scored by the rewards of rl/rewards.py); returns name -> path."""
     rows = demo_rows(n_train + n_validation + n_test, seed, variant)
     bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_validation),
               "test": (n_train + n_validation, len(rows))}
@@ -182,6 +183,10 @@ def write_demo(out_dir: str | Path, seed: int = 0, n_train: int = 800, n_validat
         paths[f"unpaired_{split}"] = out / f"unpaired_{split}.jsonl"
         unpaired = unpaired_rows(rows[a:b], rng)
         atomic_write_text(paths[f"unpaired_{split}"], "".join(json.dumps(r) + "\n" for r in unpaired))
+    for split, (a, b) in bounds.items():  # no randomness: the files above stay as they were
+        paths[f"prompt_{split}"] = out / f"prompt_{split}.jsonl"
+        prompts = [{"prompt": prompt_messages(r), "answer": reference_answer(r)} for r in rows[a:b]]
+        atomic_write_text(paths[f"prompt_{split}"], "".join(json.dumps(r) + "\n" for r in prompts))
     return paths
 
 

@@ -6,6 +6,8 @@
     messages           {"messages": [{"role", "content"}, ...]}           every assistant turn is trained on
     preference         {"prompt", "chosen", "rejected"}                   a better and a worse answer (DPO ...)
     unpaired           {"prompt", "completion", "label": true|false}      one answer, good or bad (KTO)
+    prompt             {"prompt", any other fields}                       online RL (GRPO): the model answers,
+                                                                          the rewards score (other fields go to them)
 
 In the last two, the prompt is a string (one user message) or a conversation ending with a user
 message, and each answer a string or, as in TRL's conversational format, a list holding the one
@@ -33,6 +35,7 @@ FORMATS = {
     "messages": "messages: [{role, content}, ...]",
     "preference": "prompt, chosen, rejected (strings or message lists), margin (optional number)",
     "unpaired": "prompt, completion, label (true or false)",
+    "prompt": "prompt (a string or message list), any other fields for the rewards",
 }
 ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS = 5
@@ -40,7 +43,7 @@ MAX_PROBLEMS = 5
 
 def detect_format(rows: list[Row], path: str | Path) -> str:
     """The format whose fields the first row has; messages wins over alpaca over preference and unpaired over
-    prompt_completion over text."""
+    prompt_completion over prompt (a prompt without an answer) over text."""
     if not rows:
         raise UserError(f"{path}: no rows, so the data format cannot be detected.")
     fields = rows[0].fields
@@ -54,6 +57,8 @@ def detect_format(rows: list[Row], path: str | Path) -> str:
         return "unpaired"
     if "prompt" in fields and "completion" in fields:
         return "prompt_completion"
+    if "prompt" in fields:
+        return "prompt"
     if "text" in fields:
         return "text"
     known = "; ".join(f"{name} ({needs})" for name, needs in FORMATS.items())
@@ -155,6 +160,18 @@ def check_unpaired(fields: dict) -> list[str]:
     return _prompt(fields) + _answer(fields, "completion") + _boolean(fields, "label")
 
 
+# Keywords a reward function is called with (tunesmith/rl/rewards.py), so no column may have these names.
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def check_prompt(fields: dict) -> list[str]:
+    """A prompt to answer (a string, or a conversation ending with the user message); the other fields go to the
+    rewards as keyword lists, so none may be named like the call's own keywords."""
+    taken = [name for name in REWARD_KEYWORDS if name in fields]
+    return _prompt(fields) + [f'field "{name}" clashes with a keyword of the reward call (prompts, completions, '
+                              "...); rename the column" for name in taken]
+
+
 def answer_text(value: str | list[dict]) -> str:
     """A validated answer field (a string, or a list holding the assistant message) as its text."""
     return value if isinstance(value, str) else value[0]["content"]
@@ -234,4 +251,5 @@ CHECKS: dict[str, Callable[[dict], list[str]]] = {
     "messages": check_messages,
     "preference": check_preference,
     "unpaired": check_unpaired,
+    "prompt": check_prompt,
 }

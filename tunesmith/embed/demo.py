@@ -109,3 +109,52 @@ def write_embed_demo(out: str | Path, seed: int = 0, test_fraction: float = 0.2)
     qrels = {f"q{i}": {chunk_of[p.positive]} for i, p in enumerate(test)}
     paths["beir"] = write_beir(out / "beir", queries, corpus, qrels)
     return paths
+
+
+CHART_METRICS = ("accuracy@1", "accuracy@5", "accuracy@10", "mrr@10", "ndcg@10")
+
+
+def before_after_chart(scores: dict, path: str | Path, title: str) -> Path:
+    """Bars of the test metrics before and after training, with their 95% intervals (matplotlib; SVG or PNG by
+    the suffix). `scores`: one dimension's {"before", "after": {metric: {"value", "ci"}}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.38
+    for i, label in enumerate(("before", "after")):
+        values = [scores[label][m]["value"] for m in CHART_METRICS]
+        ci = [scores[label][m].get("ci") or [v, v] for m, v in zip(CHART_METRICS, values)]
+        err = [[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]]
+        xs = [x + (i - 0.5) * width for x in range(len(CHART_METRICS))]
+        bars = ax.bar(xs, values, width, yerr=err, capsize=3, label=label, color=("#b0b0b0", "#2f6db5")[i])
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8, padding=2)
+    ax.set_xticks(range(len(CHART_METRICS)), [m.replace("accuracy", "hit rate") for m in CHART_METRICS])
+    ax.set_ylim(0, 1.12)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
+    plt.close(fig)
+    return path
+
+
+def run_demo(out: Path, config: Path, overrides: list[str]) -> dict:
+    """`tunesmith embed demo`: the corpus in out/data, embed train with the demo config (test = the held-out
+    questions against the whole corpus), the chart in out/before_after.svg. Returns the run's summary."""
+    from tunesmith.embed.config import load_embed_config
+    from tunesmith.embed.train import MAIN, train_embedder
+
+    paths = write_embed_demo(out / "data")
+    cfg = load_embed_config(config, [f"data.train={paths['train']}", f"data.test={paths['beir']}",
+                                     f"output.dir={out}", *overrides])
+    summary = train_embedder(cfg)
+    scores = (summary.get("evaluation") or {}).get(MAIN, {})
+    if "before" in scores:
+        before_after_chart(scores, out / "before_after.svg",
+                           f"{cfg.model.name_or_path}, {summary['method']}, {summary['steps']} steps: "
+                           f"{summary['data']['test']['queries']} held-out questions")
+    return summary

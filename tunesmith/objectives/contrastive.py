@@ -117,6 +117,20 @@ def contrastive_loss(queries: torch.Tensor, passages: torch.Tensor, positive: to
     return F.cross_entropy(contrastive_logits(queries, passages, exclude, scale), positive.to(queries.device))
 
 
+def nested_contrastive_loss(queries: torch.Tensor, passages: torch.Tensor, positive: torch.Tensor,
+                            exclude: torch.Tensor | None = None, scale: float = DEFAULT_SCALE,
+                            dims: Sequence[int] = ()) -> torch.Tensor:
+    """Matryoshka (Kusupati et al. 2022, "Matryoshka Representation Learning", eq. 1, equal weights): L summed over
+    the embeddings cut to their first d dimensions, each renormalised (contrastive_logits normalises),
+
+        L_M = sum_{d in dims} L(q[:, :d], p[:, :d])
+
+    so every prefix of the vector is an embedding of its own. No dims: the plain L."""
+    if not dims:
+        return contrastive_loss(queries, passages, positive, exclude, scale)
+    return sum(contrastive_loss(queries[:, :d], passages[:, :d], positive, exclude, scale) for d in dims)
+
+
 class _RngState:
     """The CPU (and CUDA, once initialised) RNG state at creation; `replay()` runs a block from it and leaves
     the outer state untouched, so a second forward draws the first one's dropout masks."""
@@ -137,9 +151,10 @@ class _RngState:
 
 def cached_contrastive_loss(embed: Callable[[list[str]], torch.Tensor], batch: ContrastiveBatch,
                             scale: float = DEFAULT_SCALE, chunk_size: int = 32,
-                            use_exclude: bool = True) -> torch.Tensor:
+                            use_exclude: bool = True, dims: Sequence[int] = ()) -> torch.Tensor:
     """L of `batch` by GradCache (module doc). `embed(texts)` -> (n, d) embeddings with a graph. Returns a scalar
-    whose backward() accumulates dL/dtheta * dout into the parameters' .grad, one chunk of texts at a time."""
+    whose backward() accumulates dL/dtheta * dout into the parameters' .grad, one chunk of texts at a time.
+    `dims`: the Matryoshka sum over nested dimensions (nested_contrastive_loss) instead of L."""
     columns = [batch.queries, batch.passages]
     chunks = [[texts[s:s + chunk_size] for s in range(0, len(texts), chunk_size)] for texts in columns]
     # 1. embeddings without a graph, each chunk's RNG state remembered
@@ -152,11 +167,11 @@ def cached_contrastive_loss(embed: Callable[[list[str]], torch.Tensor], batch: C
                 reps[-1].append(embed(texts).detach())
     exclude = batch.exclude if use_exclude else None
     if not torch.is_grad_enabled():  # evaluation: no cache, no hook
-        return contrastive_loss(torch.cat(reps[0]), torch.cat(reps[1]), batch.positive, exclude, scale)
+        return nested_contrastive_loss(torch.cat(reps[0]), torch.cat(reps[1]), batch.positive, exclude, scale, dims)
     # 2. L on the detached embeddings; the cache g = dL/de
     q = torch.cat(reps[0]).requires_grad_()
     p = torch.cat(reps[1]).requires_grad_()
-    loss = contrastive_loss(q, p, batch.positive, exclude, scale)
+    loss = nested_contrastive_loss(q, p, batch.positive, exclude, scale, dims)
     loss.backward()
     cache = [g.split([len(r) for r in column_reps]) for g, column_reps in zip((q.grad, p.grad), reps)]
 

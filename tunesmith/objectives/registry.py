@@ -38,6 +38,10 @@ The data pipeline and the loop know no objective by name. An objective says:
                                   scoring them (reward: pair accuracy)
     export(model, method, ...)    optional: an artifact of the objective's own, written after training
                                   beside the method's (reward: an AutoModelForSequenceClassification folder)
+    bind_run(cfg, tok, run_dir, data)
+                                  optional: the configured objective bound to the run, after configure:
+                                  what its rollout needs beyond the model (GRPO: the tokenizer to decode
+                                  samples for the rewards, the rows they score, output.dir for its buffer)
 
 Adding an objective is one file that defines `OBJECTIVE = Objective(...)` and one line in
 OBJECTIVES below (name -> module); objective.name accepts it from then on. `auto` picks one by the
@@ -61,11 +65,13 @@ OBJECTIVES: dict[str, str] = {
     "simpo": "tunesmith.objectives.simpo",
     "kto": "tunesmith.objectives.kto",
     "reward": "tunesmith.objectives.reward",
+    "ppo": "tunesmith.objectives.ppo",
+    "grpo": "tunesmith.objectives.grpo",
 }
 
 # objective.name=auto: the objective for each data format.
 AUTO_BY_FORMAT = {"text": "causal_lm", "alpaca": "sft", "prompt_completion": "sft", "messages": "sft",
-                  "preference": "dpo", "unpaired": "kto"}
+                  "preference": "dpo", "unpaired": "kto", "prompt": "grpo"}
 
 LossOutput = tuple[Any, int, dict[str, Any]]  # (loss summed over units, units, {metric: summed over units})
 
@@ -93,6 +99,7 @@ class Objective:
     add_head: Callable[..., None] | None = None  # (model, cfg): the objective's trainable head, after the method
     test_score: Callable[..., dict] | None = None  # (model, tokenizer, cfg) -> test scores, instead of generating
     export: Callable[..., None] | None = None  # (model, method, cfg, run_dir, tokenizer): its own artifact
+    bind_run: Callable[..., "Objective"] | None = None  # (cfg, tokenizer, run_dir, data) -> the objective as run
 
     def configured(self, cfg, method=None) -> "Objective":
         """This objective with the run's options (objective.beta, ...) and the method's reference switch bound

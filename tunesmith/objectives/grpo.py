@@ -1,0 +1,468 @@
+"""GRPO: learn from the model's own samples, scored by reward functions, with no value model.
+
+Each optimizer step's window of `prompt` rows is replaced by a rollout (the objective's `rollout`, called by
+the loop once per step):
+
+    sample    G completions per prompt (tunesmith/rl/sampling.py), prompt i's row j seeded from
+              (train.seed, step, the prompt's row index, j): a resumed run draws the same completions
+    score     r = sum_k w_k r_k(prompt, completion, other columns)       (tunesmith/rl/rewards.py)
+    advantage A_i = (r_i - mean of the group) / (std of the group + 1e-4)  (objective.scale_rewards)
+    batch     prompt + completion token ids, labels on the completion only (its stop token included), A per
+              sequence; each micro-batch of the window keeps its own prompts' G completions
+
+and the loss of a micro-batch is tunesmith/rl/losses.py's clipped surrogate with the k3 KL (beta > 0),
+aggregated by objective.loss_type. The formulas, the options and the TRL correspondence: docs/rl.md.
+
+Old policy. With objective.num_iterations = 1 the ratio's old log-probabilities are the current ones
+detached (ratio 1: the loss is the policy gradient). With k > 1, the rollout of step r feeds steps r .. r+k-1;
+its log-probabilities are computed at step r, without gradient, by the same function and the same
+micro-batches as the loss, so the first update's ratio is exactly 1 (without dropout: method.dropout=0, as
+a dropout mask differs between two forwards). The buffer (token ids, advantages, old log-probabilities, the
+reference's) is written to output.dir/rollout/ (tunesmith/rl/buffer.py), so a run resumed at step r+1 .. r+k-1
+reuses it and ends bit for bit as the uninterrupted one.
+
+Flat groups. A group whose G rewards are all equal has A = 0 for every completion: it teaches nothing.
+They are counted (`frac_reward_zero_std`), and with beta = 0 their sequences are left out of the forward and
+backward, but their sequences and tokens still count in the loss's divisor, so the gradient is exactly the
+one the full batch gives. objective.dynamic_sampling draws a flat group again with new seeds (up to
+DYNAMIC_TRIES times; DAPO's dynamic sampling redraws until the batch is full instead). When at least
+FLAT_SHARE of the groups are flat for FLAT_STEPS steps in a row, a warning says the reward gives no signal.
+
+The reference (beta > 0, or the KL logged every objective.kl_every steps) is the model with the method
+switched off, run without gradient once per rollout; beta = 0 and kl_every = 0 skip it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import UserError
+from tunesmith.objectives.lm import IGNORE, head_chunks, labelled_states
+from tunesmith.objectives.registry import LossOutput, Objective
+from tunesmith.rl import losses
+
+DYNAMIC_TRIES = 3  # objective.dynamic_sampling: draws of a flat group after the first
+FLAT_SHARE, FLAT_STEPS = 0.9, 5  # the no-signal warning: this share of flat groups, this many steps in a row
+SEED_STRIDE = 1_000_003
+SKIP_FLAT = True  # flat groups stay out of the forward (beta 0); tests switch it off to compare the gradients
+
+# Logged every step (the loop divides each metric's sum by the window's units; see `rollout_stats`).
+METRICS = ("policy_loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_low", "clip_high", "entropy",
+           "completion_length", "truncated")
+
+
+# --- data: prompt rows -> examples; a window's micro-batches hold only row indices until the rollout ----------
+
+
+def encode(fields: dict, fmt: str, tokenizer, cfg) -> dict:
+    """A validated `prompt` row -> {input_ids: the prompt rendered with the generation prompt, row: the row's
+    fields as JSON (for the rewards), truncated}; a prompt longer than data.max_seq_len keeps its end."""
+    from tunesmith.data.preference import token_ids
+    from tunesmith.data.tokenize import as_messages, render
+
+    messages = as_messages(fields["prompt"], "user")
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    ids = token_ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    return {"input_ids": ids[-cfg.max_seq_len:], "row": json.dumps(fields), "truncated": len(ids) > cfg.max_seq_len}
+
+
+def keeps(example: dict) -> bool:
+    return len(example["input_ids"]) > 0
+
+
+def collate(examples: list[dict], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
+    """A window's micro-batch before the rollout: the examples' indices in the training set (-1: a filler)."""
+    return {"index": torch.tensor([int(e.get("index", -1)) for e in examples], dtype=torch.long)}
+
+
+def units(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["units"]) if "units" in batch else 0
+
+
+def filler(example: dict) -> dict:
+    return {**example, "index": -1}
+
+
+def number_examples(examples: list[dict]) -> None:
+    """Give each training example its index (the rollout finds its prompt, row and seed by it)."""
+    for i, example in enumerate(examples):
+        example["index"] = i
+
+
+# --- the run's context -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a rollout needs besides the model: bound by bind_run (the train command) or by a test."""
+
+    tokenizer: object
+    examples: list[dict]
+    pad_id: int
+    run_dir: Path | None = None
+    stop_ids: tuple[int, ...] = ()
+    buffers: dict[int, list[dict]] = field(default_factory=dict)  # rollout step -> micro-batches, in memory
+
+
+def sampling_config(opts, stop_ids: tuple[int, ...]):
+    from tunesmith.rl.sampling import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                          top_k=opts.top_k, stop_ids=tuple(stop_ids))
+
+
+def prompt_seed(base: int, index: int, attempt: int = 0) -> int:
+    """seeds[i] of the sampler: a function of (train.seed, step) through `base`, the row index and the draw."""
+    return ((base * SEED_STRIDE + index) * SEED_STRIDE + attempt) % 2**63
+
+
+# --- the rollout -------------------------------------------------------------------------------------------------
+
+
+def rollout(model, window: list[dict], step: int, generator: torch.Generator, opts, rewards, reference,
+            run: Run | None) -> list[dict]:
+    """The window's micro-batches of completions (see the module docstring); steps between two rollouts
+    (num_iterations > 1) reuse the last one, from memory or, after a resume, from output.dir."""
+    if run is None:
+        raise UserError("objective.name=grpo needs its run context (tokenizer, rows): train through the train "
+                        "command, or bind it with bind_run.")
+    first = step - step % opts.num_iterations
+    if not run.stop_ids:
+        from tunesmith.rl.sampling import end_token_ids
+
+        run.stop_ids = end_token_ids(model, run.tokenizer)
+    if step != first:
+        batches = run.buffers.get(first)
+        if batches is None and run.run_dir is not None:
+            from tunesmith.rl.buffer import load_buffer
+
+            batches = load_buffer(run.run_dir, first, next(model.parameters()).device)
+        if batches is None:
+            raise UserError(f"step {step + 1}: the rollout buffer of step {first + 1} is missing from "
+                            f"{run.run_dir}/rollout; resume from a checkpoint at a multiple of "
+                            "objective.num_iterations, or start again.")
+    else:
+        batches = build_rollout(model, window, step, generator, opts, rewards, reference, run)
+        run.buffers.clear()
+        run.buffers[first] = batches
+        if opts.num_iterations > 1 and run.run_dir is not None:
+            from tunesmith.rl.buffer import save_buffer
+
+            save_buffer(run.run_dir, first, batches, opts.num_iterations)
+    return [dict(b) for b in batches]  # the loop may add keys to a batch; the buffer stays as it is
+
+
+@dataclass
+class Groups:
+    """A rollout's N prompts x G completions: token ids, whether each finished, rewards (K, N*G) and (N*G,)."""
+
+    indices: list[int]
+    prompt_ids: list[list[int]]
+    completions: list[list]  # N lists of G sampling.Completion
+    per_reward: torch.Tensor
+    total: torch.Tensor
+
+
+def draw(model, indices: list[int], seeds: list[int], opts, rewards, run: Run, greedy: bool = False):
+    """(completions N x G, per_reward (K, N*G), total (N*G,)) for the prompts of these training examples."""
+    from tunesmith.rl.rewards import score
+    from tunesmith.rl.sampling import sample
+
+    cfg = sampling_config(opts, run.stop_ids)
+    g = 1 if greedy else opts.num_generations
+    if greedy:
+        cfg = replace(cfg, temperature=0.0)
+    prompts = [run.examples[i]["input_ids"] for i in indices]
+    completions = sample(model, prompts, g, cfg, seeds, run.pad_id)
+    rows = [json.loads(run.examples[i]["row"]) for i in indices]
+    texts = [[run.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in completions]
+    per_reward, total = score(rewards, *reward_inputs(rows, texts))
+    return completions, per_reward, total
+
+
+def reward_inputs(rows: list[dict], texts: list[list[str]]) -> tuple[list, list, dict[str, list]]:
+    """(prompts, completions, columns) for the reward call, one entry per completion: each row's prompt as it is,
+    the completion as a string, or as [{role: assistant, content}] where the prompt is a conversation (TRL's
+    conversational form), every other column repeated for the row's completions."""
+    prompts, completions, columns = [], [], {}
+    names = [k for k in rows[0] if k != "prompt"] if rows else []
+    for row, group in zip(rows, texts):
+        chat = isinstance(row["prompt"], list)
+        for text in group:
+            prompts.append(row["prompt"])
+            completions.append([{"role": "assistant", "content": text}] if chat else text)
+            for name in names:
+                columns.setdefault(name, []).append(row.get(name))
+    return prompts, completions, columns
+
+
+def build_rollout(model, window, step, generator, opts, rewards, reference, run: Run) -> list[dict]:
+    """Sample, score and batch the window's prompts (module docstring)."""
+    g = opts.num_generations
+    per_batch = [[i for i in b["index"].tolist() if i >= 0] for b in window]
+    indices = [i for chunk in per_batch for i in chunk]
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    completions, per_reward, total = draw(model, indices, [prompt_seed(base, i) for i in indices], opts, rewards, run)
+    groups = Groups(indices, [run.examples[i]["input_ids"] for i in indices], completions, per_reward, total)
+    if opts.dynamic_sampling:
+        redraw_flat_groups(model, groups, base, opts, rewards, run)
+    advantages, flat = losses.group_advantages(groups.total, g, opts.scale_rewards)
+    skip = flat if SKIP_FLAT and not opts.beta else torch.zeros_like(flat)  # beta > 0: the KL has a gradient
+    device = next(model.parameters()).device
+    batches, start = [], 0
+    for chunk in per_batch:
+        rows = range(start * g, (start + len(chunk)) * g)
+        batches.append(make_batch(groups, rows, advantages, skip, opts, run.pad_id, device))
+        start += len(chunk)
+    add_rollout_stats(batches, groups, flat, rewards, opts)
+    if opts.num_iterations > 1:  # the sampling policy's log-probabilities: the same forward as the loss's
+        for batch in batches:
+            if "input_ids" in batch:
+                with torch.no_grad():
+                    batch["old_logps"] = completion_logps(model, batch)[0]
+    if needs_reference_forward(opts, step):
+        if reference is None:
+            raise UserError("objective.beta > 0 or objective.kl_every needs the reference model, the method "
+                            "switched off, but this method has no switch (full, freeze): set beta 0 and kl_every 0.")
+        for batch in batches:
+            if "input_ids" in batch:
+                with torch.no_grad(), reference(model):
+                    batch["ref_logps"] = completion_logps(model, batch)[0]
+    return batches
+
+
+def needs_reference_forward(opts, step: int) -> bool:
+    """beta > 0, or a step of this rollout's iterations logs the KL (kl_every: steps N, 2N, ... counted from 1)."""
+    if opts.beta:
+        return True
+    every = opts.kl_every
+    return bool(every) and any((s + 1) % every == 0 for s in range(step, step + opts.num_iterations))
+
+
+def redraw_flat_groups(model, groups: Groups, base: int, opts, rewards, run: Run) -> None:
+    """DAPO's dynamic sampling, bounded: draw each flat group again with a new seed, up to DYNAMIC_TRIES times,
+    and keep a new draw that is not flat."""
+    g = opts.num_generations
+    for attempt in range(1, DYNAMIC_TRIES + 1):
+        grouped = groups.total.view(-1, g)
+        flat = [n for n in range(grouped.shape[0]) if bool((grouped[n] == grouped[n, 0]).all())]
+        if not flat:
+            return
+        indices = [groups.indices[n] for n in flat]
+        seeds = [prompt_seed(base, i, attempt) for i in indices]
+        completions, per_reward, total = draw(model, indices, seeds, opts, rewards, run)
+        for k, n in enumerate(flat):
+            new = total[k * g : (k + 1) * g]
+            if not bool((new == new[0]).all()):
+                groups.completions[n] = completions[k]
+                groups.total[n * g : (n + 1) * g] = new
+                groups.per_reward[:, n * g : (n + 1) * g] = per_reward[:, k * g : (k + 1) * g]
+
+
+def make_batch(groups: Groups, rows: range, advantages, skip, opts, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """One micro-batch: prompt + completion, right-padded, labels on the completion; `completion_mask` (B, Tc)
+    over completion positions; skipped (flat, beta 0) sequences only counted, in `skipped_sequences`/`_tokens`."""
+    g = opts.num_generations
+    seqs, skipped_seqs, skipped_tokens = [], 0, 0
+    for r in rows:
+        prompt = groups.prompt_ids[r // g]
+        completion = groups.completions[r // g][r % g].token_ids
+        if bool(skip[r]):
+            skipped_seqs, skipped_tokens = skipped_seqs + 1, skipped_tokens + len(completion)
+        else:
+            seqs.append((prompt, completion, float(advantages[r])))
+    batch: dict[str, torch.Tensor] = {"skipped_sequences": torch.tensor(skipped_seqs),
+                                      "skipped_tokens": torch.tensor(skipped_tokens)}
+    if seqs:
+        width = max(len(p) + len(c) for p, c, _ in seqs)
+        longest = max(len(c) for _, c, _ in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, L)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        completion_mask = torch.zeros((len(seqs), longest))  # (B, Tc)
+        for i, (p, c, _) in enumerate(seqs):
+            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            attention_mask[i, : len(p) + len(c)] = 1
+            labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
+            completion_mask[i, : len(c)] = 1
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     completion_mask=completion_mask, advantages=torch.tensor([a for _, _, a in seqs]))
+    else:
+        batch["real_tokens"] = torch.tensor(0)
+    forwarded_tokens = int(batch["completion_mask"].sum()) if seqs else 0
+    batch["units"] = torch.tensor(batch_units(opts.loss_type, len(seqs) + skipped_seqs,
+                                              forwarded_tokens + skipped_tokens))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_units(loss_type: str, sequences: int, tokens: int) -> int:
+    """What a micro-batch's loss sum is divided by over the window (losses.aggregate), flat sequences included."""
+    return {"grpo": sequences, "dr_grpo": sequences, "bnpo": 1, "dapo": tokens}[loss_type]
+
+
+def add_rollout_stats(batches: list[dict], groups: Groups, flat, rewards, opts) -> None:
+    """Each window-level number v goes into every micro-batch as v * its units (`stat/<name>`), so the loop's
+    sum over micro-batches / the window's units logs v; `token_scale` = window units / forwarded completion
+    tokens turns a micro-batch's token sums into the window's token means the same way."""
+    g = opts.num_generations
+    lengths = torch.tensor([len(c.token_ids) for group in groups.completions for c in group], dtype=torch.float64)
+    finished = torch.tensor([c.finished for group in groups.completions for c in group], dtype=torch.float64)
+    values = {"reward": groups.total.mean(), "reward_std": _std(groups.total),
+              "frac_reward_zero_std": flat.double().view(-1, g)[:, 0].mean(),
+              "completion_length": lengths.mean(), "truncated": 1 - finished.mean()}
+    for k, reward in enumerate(rewards):
+        values[f"reward_{reward.name}"] = groups.per_reward[k].mean()
+        values[f"reward_{reward.name}_std"] = _std(groups.per_reward[k])
+    window_units = sum(int(b["units"]) for b in batches)
+    tokens = sum(float(b["completion_mask"].sum()) for b in batches if "completion_mask" in b)
+    for b in batches:
+        share = int(b["units"])
+        for name, v in values.items():
+            b[f"stat/{name}"] = torch.tensor(float(v) * share, device=b["units"].device)
+        b["token_scale"] = torch.tensor(window_units / tokens if tokens else 0.0, device=b["units"].device)
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    return x.std() if x.numel() > 1 else x.new_zeros(())
+
+
+# --- the loss ------------------------------------------------------------------------------------------------------
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor], entropy: bool = False):
+    """(log pi(y_t | x, y_<t) (B, Tc) float32 at the completion positions, 0 elsewhere; the entropy of each of
+    those positions' distributions (B, Tc), detached, or None). The head runs on labelled positions only."""
+    states, targets, _ = labelled_states(model, batch)
+    logps, entropies = [], []
+    for logits, chunk, _ in head_chunks(model, states, targets):
+        lse = torch.logsumexp(logits, dim=-1)
+        logps.append(logits.gather(1, chunk.unsqueeze(1)).squeeze(1) - lse)
+        if entropy:
+            with torch.no_grad():
+                entropies.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+    mask = batch["completion_mask"].bool()
+    # labelled positions come row by row, each completion's in order: the order of mask's True entries
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(logps))
+    ent = None
+    if entropy:
+        ent = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(entropies))
+    return out, ent
+
+
+def grpo_loss(model, batch: dict[str, torch.Tensor], opts) -> LossOutput:
+    """(the micro-batch's loss sum, units, metric sums): losses.grpo_token_loss aggregated by loss_type, the
+    skipped flat sequences counted in the divisor."""
+    n = units(batch)
+    stats = {k.removeprefix("stat/"): float(v) for k, v in batch.items() if k.startswith("stat/")}
+    if "input_ids" not in batch:  # every sequence of this micro-batch was flat: nothing to forward
+        zero = torch.zeros((), requires_grad=True, device=batch["units"].device)
+        return zero, n, {**stats, "policy_loss": 0.0}
+    logps, entropy = completion_logps(model, batch, entropy=True)
+    mask = batch["completion_mask"]
+    old = batch.get("old_logps")
+    old = logps.detach() if old is None else old
+    beta = opts.beta or 0.0
+    token_loss, parts = losses.grpo_token_loss(logps, old, batch["advantages"], mask, opts.epsilon_low,
+                                               opts.epsilon_high, beta, batch.get("ref_logps"))
+    skipped = (int(batch["skipped_sequences"]), int(batch["skipped_tokens"]))
+    total = aggregate(token_loss, mask, opts, *skipped)
+    policy = token_loss.detach() - (beta * parts["kl"].detach() * mask if beta else 0.0)
+    scale = float(batch["token_scale"])
+    metrics = {**stats, "policy_loss": float(aggregate(policy, mask, opts, *skipped)),
+               "clip_low": float((parts["low_clipped"] * mask).sum()) * scale,
+               "clip_high": float((parts["high_clipped"] * mask).sum()) * scale,
+               "entropy": float((entropy * mask).sum()) * scale}
+    if "kl" in parts:
+        metrics["kl"] = float((parts["kl"].detach() * mask).sum()) * scale
+    return total, n, metrics
+
+
+def aggregate(token_loss, mask, opts, skipped_sequences: int, skipped_tokens: int) -> torch.Tensor:
+    """The loss sum of losses.aggregate, with skipped flat sequences (loss 0) in bnpo's token divisor."""
+    if opts.loss_type == "bnpo":
+        return (token_loss * mask).sum() / (mask.sum() + skipped_tokens).clamp(min=1)
+    return losses.aggregate(token_loss, mask, opts.loss_type, opts.max_new_tokens)[0]
+
+
+# --- held-out scoring, warnings, configuration ---------------------------------------------------------------------
+
+
+def held_out_reward(model, examples, batch_size: int, pad_id: int, pack_len: int = 0, *, opts, rewards,
+                    run: Run | None) -> dict | None:
+    """{"val_reward": the mean reward of greedy completions of the validation prompts, "val_reward_<name>": ...}."""
+    if run is None:
+        return None
+    scoring = Run(run.tokenizer, examples, run.pad_id, stop_ids=run.stop_ids)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for first in range(0, len(examples), batch_size):
+        indices = list(range(first, min(first + batch_size, len(examples))))
+        _, per_reward, total = draw(model, indices, [0] * len(indices), opts, rewards, scoring, greedy=True)
+        sums["val_reward"] = sums.get("val_reward", 0.0) + float(total.sum())
+        for k, reward in enumerate(rewards):
+            sums[f"val_reward_{reward.name}"] = sums.get(f"val_reward_{reward.name}", 0.0) + float(per_reward[k].sum())
+    model.train(was_training)
+    return {k: v / len(examples) for k, v in sums.items()}
+
+
+def no_signal_warning(metrics: dict, seen: list[int]) -> str | None:
+    """A warning once FLAT_SHARE of the groups have been flat for FLAT_STEPS steps in a row."""
+    seen[0] = seen[0] + 1 if metrics.get("frac_reward_zero_std", 0.0) >= FLAT_SHARE else 0
+    if seen[0] >= FLAT_STEPS:
+        return (f"for {seen[0]} steps in a row at least {FLAT_SHARE:.0%} of the prompts got the same reward for all "
+                "their completions: the rewards give no signal (all right or all wrong). Use harder or easier prompts, "
+                "a graded reward (e.g. field_accuracy), more objective.num_generations, a higher "
+                "objective.temperature, or objective.dynamic_sampling=true.")
+    return None
+
+
+def configure(cfg, method=None) -> Objective:
+    """objective.* options, the rewards (imported now) and the reference (the method switched off) bound in."""
+    from tunesmith.methods.registry import switch_adapters_off
+    from tunesmith.rl.rewards import load_rewards
+
+    rewards = load_rewards(cfg.rewards)
+    reference = (method.disable if method is not None else switch_adapters_off)
+    return bind(cfg, rewards, reference, None)
+
+
+def bind(opts, rewards, reference, run: Run | None) -> Objective:
+    """The objective with its options, rewards, reference and (once bound) run in every function that needs them."""
+    metric_names = METRICS + tuple(f"reward_{r.name}{s}" for r in rewards for s in ("", "_std"))
+    unit = {"grpo": "completions", "dr_grpo": "completions", "bnpo": "micro-batches", "dapo": "completion tokens"}
+    return replace(OBJECTIVE, loss=partial(grpo_loss, opts=opts), metrics=metric_names,
+                   unit=unit[opts.loss_type], check_step=partial(no_signal_warning, seen=[0]),
+                   rollout=partial(rollout, opts=opts, rewards=rewards, reference=reference, run=run),
+                   score=partial(held_out_reward, opts=opts, rewards=rewards, run=run),
+                   bind_run=partial(bind_run, opts=opts, rewards=rewards, reference=reference))
+
+
+def bind_run(cfg, tokenizer, run_dir, data, *, opts, rewards, reference) -> Objective:
+    """The configured objective with the run's tokenizer, training rows (numbered) and output.dir (run_dir None:
+    no buffer on disk)."""
+    number_examples(data.train)
+    run = Run(tokenizer, data.train, tokenizer.pad_token_id, Path(run_dir) if run_dir is not None else None)
+    return bind(opts, rewards, reference, run)
+
+
+OBJECTIVE = Objective(
+    name="grpo",
+    formats=("prompt",),
+    unit="completion tokens",
+    encode=encode,
+    keeps=keeps,
+    collate=collate,
+    units=units,
+    filler=filler,
+    loss=partial(grpo_loss, opts=None),
+    metrics=METRICS,
+    packs=False,
+    configure=configure,
+)
