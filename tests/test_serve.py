@@ -265,14 +265,20 @@ def test_full_queue_answers_429_with_retry_after(server):
         except openai.RateLimitError as e:
             results.append(e)
 
-    with server.engine.lock:  # the worker waits at its first step: one request taken, max_queue=2 waiting
-        threads = [threading.Thread(target=ask) for _ in range(5)]
+    server.wait_idle()
+    batch = server.engine.max_batch_size
+    server.engine.max_batch_size = 1  # one request in flight, so the others stay in the queue
+    try:
+        with server.engine.lock:  # the worker waits at its first step: one request taken, max_queue=2 waiting
+            threads = [threading.Thread(target=ask) for _ in range(5)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(results) >= 2, 20)
+            time.sleep(0.2)
         for t in threads:
-            t.start()
-        wait_for(lambda: len(results) >= 2, 20)
-        time.sleep(0.2)
-    for t in threads:
-        t.join(30)
+            t.join(30)
+    finally:
+        server.engine.max_batch_size = batch
     refused = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert len(results) == 5 and 2 <= len(refused) <= 3
     assert all(r.response.headers["retry-after"] == "1" for r in refused)

@@ -35,6 +35,9 @@ class GenerateConfig(Section):
         "auto", description="Base quantization. auto: as in the adapter's run, from the config.yaml beside it; "
         "none: the float base; nf4, fp4, int8: that one, whatever the run used.",
     )
+    server: str | None = Field(None, description="URL of a running OpenAI-compatible server (tunesmith serve) to "
+                               "ask instead of loading the model here; --adapter then names a served adapter, else "
+                               "--model the served model. The key, if it wants one: $TUNESMITH_API_KEY.")
 
 
 def register(subparsers) -> None:
@@ -87,12 +90,30 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _run_generate(args: argparse.Namespace) -> None:
     o: GenerateConfig = resolve_options(args)
+    if o.server:
+        messages = ([{"role": "system", "content": o.system}] if o.system else []) + [{"role": "user",
+                                                                                       "content": args.prompt}]
+        print(ask_server(o, messages).strip())
+        return
     print(generate_one(o.model, o.adapter, args.prompt, o.max_new_tokens, o.system, o.quantization))
 
 
 def _run_chat(args: argparse.Namespace) -> None:
     o: GenerateConfig = resolve_options(args)
-    chat(o.model, o.adapter, o.max_new_tokens, o.system, o.quantization)
+    chat(o.model, o.adapter, o.max_new_tokens, o.system, o.quantization, server=o)
+
+
+def ask_server(o: GenerateConfig, messages: list[dict], stream: bool = False) -> str:
+    """The answer of the server at o.server (serve/client.py): greedy, the adapter (or model) by its served name;
+    printed as it streams in when `stream`."""
+    from tunesmith.serve.client import chat_completion
+
+    parts = []
+    for piece in chat_completion(o.server, o.adapter or o.model, messages, o.max_new_tokens, stream=stream):
+        parts.append(piece)
+        if stream:
+            print(piece, end="", flush=True)
+    return "".join(parts)
 
 
 def evaluate(cfg: Config, adapter: str | list[str] | None, base: bool = False) -> dict:
@@ -218,11 +239,14 @@ def generate_one(model_name: str, adapter: str | None, prompt: str, max_new_toke
 
 
 def chat(model_name: str, adapter: str | None, max_new_tokens: int, system: str | None,
-         quantization: str = "auto") -> None:
-    """A read-eval-print loop; the conversation so far is the prompt of each turn. Empty line or EOF quits."""
+         quantization: str = "auto", server: GenerateConfig | None = None) -> None:
+    """A read-eval-print loop; the conversation so far is the prompt of each turn. Empty line or EOF quits.
+    With `server.server` set, each turn is asked of that running server (streamed) instead of a model loaded here."""
     from tunesmith.evaluate.generate import generate, render_prompt
 
-    model, tokenizer = load_for_inference(model_name, adapter, quantization)
+    remote = server is not None and server.server
+    if not remote:
+        model, tokenizer = load_for_inference(model_name, adapter, quantization)
     history = [{"role": "system", "content": system}] if system else []
     print("tunesmith chat: type a message; an empty line or Ctrl-D quits.")
     while True:
@@ -233,6 +257,11 @@ def chat(model_name: str, adapter: str | None, max_new_tokens: int, system: str 
         if not text:
             break
         history.append({"role": "user", "content": text})
-        answer = generate(model, tokenizer, [render_prompt(tokenizer, history)], max_new_tokens)[0]
+        if remote:
+            print("model> ", end="", flush=True)
+            answer = ask_server(server, history, stream=True).strip()
+            print()
+        else:
+            answer = generate(model, tokenizer, [render_prompt(tokenizer, history)], max_new_tokens)[0]
+            print(f"model> {answer}")
         history.append({"role": "assistant", "content": answer})
-        print(f"model> {answer}")

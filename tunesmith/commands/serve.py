@@ -33,6 +33,13 @@ class ServeConfig(Section):
     max_queue: int = Field(64, ge=1, description="Requests waiting at most; more are answered 429 with Retry-After.")
     api_key: str | None = Field(None, description=f"Require `Authorization: Bearer KEY` on every request (or set "
                                 f"${API_KEY_ENV}).")
+    engine: Literal["batching", "serial"] = Field("batching", description="batching: continuous batching, rows "
+                                                  "with different adapters in one forward (docs/serving.md); "
+                                                  "serial: one request at a time.")
+    max_batch_size: int = Field(32, ge=1, description="Sequences decoded together at most (batching engine); "
+                                "more wait in the queue.")
+    prefill_chunk: int = Field(512, ge=1, description="Prompt tokens read per step (batching engine), so that a "
+                               "long prompt does not stall running streams.")
     quantization: Literal["none", "nf4", "fp4", "int8"] = Field("none", description="Base quantization: none, nf4, "
                               "fp4 or int8 (QLoRA adapters were trained on a quantized base).")
 
@@ -105,7 +112,12 @@ def build_server(o: ServeConfig, adapters: dict[str, str], key: str | None):
             raise UserError(f"--adapter {name}={path}: {e.message}") from None
         log.info("adapter %s: %s from %s, %s parameters (%.1f MB)", name, adapter.method, path,
                  f"{adapter.parameters:,}", adapter.bytes / 1e6)
-    engine = SerialEngine(model, tokenizer, registry, o.max_queue)
+    if o.engine == "serial":
+        engine = SerialEngine(model, tokenizer, registry, o.max_queue)
+    else:
+        from tunesmith.serve.batching import BatchingEngine
+
+        engine = BatchingEngine(model, tokenizer, registry, o.max_queue, o.max_batch_size, o.prefill_chunk)
     engine.start()
     return create_app(engine, registry, base_name, o.base, key), engine
 

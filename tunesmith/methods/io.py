@@ -6,6 +6,8 @@ An adapter folder holds two files:
     adapter_model.safetensors  base_model.model.<module path>.lora_A.weight   (r, in)
                                base_model.model.<module path>.lora_B.weight   (out, r)
                                base_model.model.<module path>.lora_magnitude_vector   (out,)  DoRA only
+                               base_model.model.<module path>.lora_embedding_A   (r, num)    an embedding table
+                               base_model.model.<module path>.lora_embedding_B   (dim, r)    (lora_embedding.py)
 
 PEFT's "base_model.model." prefix comes from its wrappers (PeftModel.base_model is a LoraModel
 whose .model is the transformer); the adapter name ("default") is left out of the keys.
@@ -26,6 +28,7 @@ from tunesmith.files import atomic_save_safetensors, atomic_write_json, load_sta
 from tunesmith.methods.dora import DoRALinear
 from tunesmith.methods.inject import adapter_modules, apply_lora
 from tunesmith.methods.lora import LoRALinear
+from tunesmith.methods.lora_embedding import LoRAEmbedding
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,12 +47,16 @@ _PEFT_DEFAULTS = {
 }
 # Fields that change what the adapter computes; we refuse an adapter that sets any of them.
 _UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exclude_modules",
-                "modules_to_save", "fan_in_fan_out", "lora_bias", "target_parameters", "trainable_token_indices",
+                "fan_in_fan_out", "lora_bias", "target_parameters", "trainable_token_indices",
                 "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config")
 
 
-def _peft_tensors(name: str, a: LoRALinear) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor for one adapted module (DoRA adds its magnitude vector)."""
+def _peft_tensors(name: str, a: LoRALinear | LoRAEmbedding) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for one adapted module (DoRA adds its magnitude vector; an embedding's are Parameters
+    themselves, so their keys have no ".weight")."""
+    if isinstance(a, LoRAEmbedding):
+        return {f"{PREFIX}{name}.lora_embedding_A": a.lora_embedding_A,
+                f"{PREFIX}{name}.lora_embedding_B": a.lora_embedding_B}
     out = {f"{PREFIX}{name}.lora_A.weight": a.lora_A.weight, f"{PREFIX}{name}.lora_B.weight": a.lora_B.weight}
     if isinstance(a, DoRALinear):
         out[f"{PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector
@@ -67,7 +74,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def peft_targets(model: nn.Module, names: list[str]) -> list[str]:
     """`target_modules` as PEFT writes it for the adapted `names`: their suffixes, or the full names
     when suffixes would also catch linear layers that were not adapted."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and ".lora_" not in n]
     suffixes = sorted({n.split(".")[-1] for n in names})
     covered = {n for n in linears + names if n.split(".")[-1] in suffixes}
     return suffixes if covered == set(names) else sorted(names)
@@ -124,6 +131,32 @@ def read_adapter_config(adapter_dir: str | Path) -> MethodConfig:
         raise UserError(f"{str(path)!r} has invalid LoRA settings: {e}") from None
 
 
+def attach_modules_to_save(model: nn.Module, names: list[str] | None, config_path: Path) -> dict[str, torch.Tensor]:
+    """PEFT's `modules_to_save`: whole modules (a head, the embeddings) trained along with the adapter. Each module
+    matching an entry (its full name, or a suffix after a dot, as target_modules) is replaced by a frozen copy that
+    will hold the trained weights, so the base module stays untouched (other adapters share it). PEFT saves the
+    copy as `base_model.model.<module path>.<parameter>`; returns those keys -> the copy's parameters."""
+    import copy
+
+    from tunesmith.methods.weight_delta import WeightDeltaLinear
+
+    params: dict[str, torch.Tensor] = {}
+    if not names:
+        return params
+    parents = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
+    for entry in names:
+        found = [(n, m) for n, m in model.named_modules() if n and (n == entry or n.endswith("." + entry))]
+        if not found or any(isinstance(m, WeightDeltaLinear) for _, m in found):
+            raise UserError(f"{str(config_path)!r}: modules_to_save entry {entry!r} names "
+                            f"{'no module' if not found else 'an adapted layer'} of this model.")
+        for name, module in found:
+            trained = copy.deepcopy(module).requires_grad_(False)
+            parent, attr = parents[id(module)]
+            setattr(parent, attr, trained)
+            params.update({f"{PREFIX}{name}.{k}": p for k, p in trained.named_parameters()})
+    return params
+
+
 def read_adapter_weights(adapter_dir: Path, what: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """(path, tensors) of adapter_model.safetensors, read strictly (files.read_safetensors). A folder
     with only a pickle (adapter_model.bin, .pt) is refused without unpickling it."""
@@ -139,13 +172,18 @@ def read_adapter_weights(adapter_dir: Path, what: str) -> tuple[Path, dict[str, 
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> MethodConfig:
-    """Inject LoRA as adapter_config.json says and load adapter_model.safetensors (strictly)."""
+    """Inject LoRA as adapter_config.json says and load adapter_model.safetensors (strictly), with trained copies
+    of its `modules_to_save` (see attach_modules_to_save)."""
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     path, state = read_adapter_weights(adapter_dir, f"the weights of a {cfg.name} adapter")
     apply_lora(model, cfg, DoRALinear if cfg.name == "dora" else LoRALinear)
-    params = {}
+    params = attach_modules_to_save(model, read_json(adapter_dir / CONFIG_NAME, "").get("modules_to_save"),
+                                    adapter_dir / CONFIG_NAME)
     for name, a in adapter_modules(model):
         params.update(_peft_tensors(name, a))
+        table = f"{PREFIX}{name}.base_layer.weight"  # peft saves an adapted embedding's whole table beside it
+        if isinstance(a, LoRAEmbedding) and table in state:  # (save_embedding_layers), which then replaces E0
+            params[table] = a.weight
     load_state_strict(params, state, path, what=f"this model's {cfg.name} layers as {CONFIG_NAME} describes them")
     return cfg

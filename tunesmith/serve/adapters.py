@@ -22,6 +22,10 @@ weights themselves (full, freeze, delta_lora) are refused here: serve such a mod
 `--base`. A loader that writes into a base tensor in place is caught by the tensor's version counter
 and refused too.
 
+The serial engine applies one patch at a time (`activate`); the batching engine never does: its
+`mixer` (mixed.py) reads every patch and lays all adapters over the base at once, per row, and is
+laid again after each load and unload.
+
 Thread safety: everything that touches the model runs under `lock` (the engine's model lock).
 """
 
@@ -102,6 +106,7 @@ def capture_load(model, folder: Path) -> tuple[Patch, Any]:
     versions = [(p, p._version) for p in model.parameters()]
     try:
         cfg = load_artifact(model, folder)
+        model.eval()  # a loader's new modules start in training mode: no adapter dropout while serving
     finally:
         patch = _diff(snapshot)
         patch.revert()
@@ -161,6 +166,7 @@ class AdapterRegistry:
         self.loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.in_flight: dict[str, int] = {}
         self.active: str | None = None
+        self.mixer = None  # a MixedAdapters laid over the model for batching (mixed.py): rebuilt on every change
         self._count_lock = threading.Lock()  # acquire/release come from the event loop and the worker
 
     # -- names --------------------------------------------------------------------------------------------------
@@ -212,14 +218,31 @@ class AdapterRegistry:
             self._check_new(name, path)
             evicted = self._make_room()
             self.activate(None)
+            if self.mixer is not None:
+                self.mixer.remove()  # the loader must see the plain base
             try:
                 patch, cfg = capture_load(self.model, Path(path))
             except (UserError, ValueError, KeyError, OSError) as e:  # a bad folder: the client's to fix
+                self._relay()
                 raise BadRequest(f"{path!r}: {e}", param="path") from None
+            except BaseException:
+                self._relay()
+                raise
             params, nbytes = adapter_size(patch, self.model)
             adapter = LoadedAdapter(name, str(path), cfg.name, patch, params, nbytes)
             self.loaded[name] = adapter
+            try:
+                self._relay()
+            except UserError as e:  # it cannot share a batch (mixed.NotMixable): forget it again
+                self.loaded.pop(name)
+                self._relay()
+                raise BadRequest(f"{path!r}: {e}", param="path") from None
         return adapter, evicted
+
+    def _relay(self) -> None:
+        """Lay the loaded adapters over the base again for batching (mixed.py), when a mixer is in use."""
+        if self.mixer is not None:
+            self.mixer.install()
 
     def _check_new(self, name: str, path: str) -> None:
         from tunesmith.methods.registry import _artifact_config
@@ -267,4 +290,6 @@ class AdapterRegistry:
     def _drop(self, name: str) -> LoadedAdapter:
         if self.active == name:
             self.activate(None)
-        return self.loaded.pop(name)
+        adapter = self.loaded.pop(name)
+        self._relay()
+        return adapter

@@ -1,7 +1,7 @@
 """The engine: requests in, streams of text pieces out; one worker thread owns the model.
 
-The interface the HTTP layer sees, and which every engine keeps (this serial one now; the
-continuous-batching, mixed-adapter one next):
+The interface the HTTP layer sees, and which every engine keeps (this serial one, and the
+continuous-batching, mixed-adapter one of batching.py, the default):
 
     stream = engine.submit(GenRequest)   # admitted or refused at once: QueueFull (429) when the queue is full
     async for item in stream:            # Piece(text, token_ids) ... then one Finish(reason, usage)
@@ -144,13 +144,16 @@ class Engine:
             try:
                 finish = self.run(stream)
             except Exception as e:  # a bug or a device error: answer it, log one line, keep serving
-                log.error("generation failed: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-                finish = Finish("error", len(stream.request.prompt_ids), 0, f"{type(e).__name__}: {e}")
-            self.stats[{"cancelled": "cancelled", "error": "errors"}.get(finish.reason, "finished")] += 1
-            self.registry.release(stream.request.adapter)
-            stream.push(finish)
-            with self._pending_lock:
-                self._pending -= 1
+                finish = failed(e, len(stream.request.prompt_ids))
+            self._end(stream, finish)
+
+    def _end(self, stream: RequestStream, finish: Finish) -> None:
+        """A request is over: count it, release its adapter, send its Finish."""
+        self.stats[{"cancelled": "cancelled", "error": "errors"}.get(finish.reason, "finished")] += 1
+        self.registry.release(stream.request.adapter)
+        stream.push(finish)
+        with self._pending_lock:
+            self._pending -= 1
 
     def run(self, stream: RequestStream) -> Finish:
         raise NotImplementedError
@@ -196,6 +199,12 @@ class SerialEngine(Engine):
         if reason != "cancelled" and (rest := text.flush()):
             stream.push(Piece(rest, []))
         return Finish(reason, len(req.prompt_ids), n)
+
+
+def failed(e: Exception, prompt_tokens: int, completion_tokens: int = 0) -> Finish:
+    """The Finish of a request that a bug or a device error ended; one log line, the server keeps serving."""
+    log.error("generation failed: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+    return Finish("error", prompt_tokens, completion_tokens, f"{type(e).__name__}: {e}")
 
 
 def pick(logits, temperature: float, top_p: float, generator) -> int:
