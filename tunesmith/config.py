@@ -246,7 +246,9 @@ class ObjectiveConfig(Section):
     # ppo (docs/rl.md, "PPO"): the sampling options and epsilon_low/high above apply too.
     reward_model: str | None = Field(None, description="ppo (and grpo): a reward model folder (output.dir/reward_model "
                                      "of an objective.name=reward run) whose score is a reward, as tunesmith score "
-                                     "computes it.")
+                                     "computes it; logged as reward_reward_model.")
+    reward_model_weight: float = Field(1.0, description="ppo and grpo: the weight of objective.reward_model's score in "
+                                       "the reward, beside objective.rewards' weights.")
     kl_coef: float = Field(0.05, ge=0, description="ppo: the per-token KL penalty -kl_coef * (log pi - log ref) in the "
                            "reward (TRL's init_kl_coef).")
     lam: float = Field(0.95, ge=0, le=1, description="ppo: lambda of GAE.")
@@ -274,9 +276,10 @@ class ObjectiveConfig(Section):
     def _grpo_options(self) -> "ObjectiveConfig":
         if self.name == "grpo" and self.num_generations < 2:
             raise ValueError("objective.num_generations must be >= 2 for grpo (advantages compare a prompt's samples)")
-        if self.name == "grpo" and not self.rewards:
-            raise ValueError("objective.name=grpo needs objective.rewards, e.g. [field_accuracy] or "
-                             "[my_module:my_reward]")
+        if self.name == "grpo" and not self.rewards and not self.reward_model:
+            raise ValueError("objective.name=grpo needs objective.rewards (e.g. [field_accuracy] or "
+                             "[my_module:my_reward]) or objective.reward_model (output.dir/reward_model of a reward "
+                             "run), or both")
         if self.beta == 0 and self.name != "grpo":
             raise ValueError(f"objective.beta must be > 0 for {self.name} (0 is grpo's: no KL term)")
         return self

@@ -204,7 +204,7 @@ def apply_method(model, cfg: Config, objective=None):
 def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id: int, trackers=None):
     """Run the loop (its metrics also to `trackers`); save the artifact and the loss plot. Returns (a whole trained
     model, the final state)."""
-    from tunesmith.evaluate.report import plot_loss
+    from tunesmith.evaluate.report import plot_loss, plot_reward
     from tunesmith.train import distributed
     from tunesmith.train.loop import train as train_loop
 
@@ -223,6 +223,8 @@ def fine_tune(model, method, data, objective, cfg: Config, run_dir: Path, pad_id
 
             check_saved_model(run_dir / "adapter", model, source_tokenizer(model))
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        if objective.rollout is not None:  # online RL: the reward curve too
+            plot_reward(run_dir / "metrics.jsonl", run_dir / "reward.png")
     return model, state
 
 

@@ -40,11 +40,49 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / target token)")
-    ax.set_yscale("log")
+    # log scale, unless a loss is 0 or below (online RL's surrogate losses): a log axis would drop those points
+    ax.set_yscale("log" if all(v > 0 for _, v in train + val) else "linear")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))  # the temporary name has no .png to go by
+    plt.close(fig)
+    return out_png
+
+
+REWARD_SMOOTHING = 5  # steps in the moving mean drawn over the per-step reward
+
+
+def plot_reward(metrics_path: Path, out_png: Path) -> Path | None:
+    """Online RL (reward.png): the mean reward of each step's samples (GRPO's `reward`, PPO's `score`), its moving
+    mean over REWARD_SMOOTHING steps, and the validation reward (greedy completions, `val_reward`) where measured.
+    None when the run logged no reward (an offline objective)."""
+    rows = read_metrics(metrics_path)
+    key = "reward" if any("reward" in r for r in rows) else "score"
+    train = [(r["step"], r[key]) for r in rows if "loss" in r and r.get(key) is not None]
+    val = [(r["step"], r["val_reward"]) for r in rows if r.get("val_reward") is not None]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, values = zip(*train)
+        ax.plot(steps, values, linewidth=0.8, alpha=0.45, label=f"train: mean {key} of the step's samples")
+        window = [sum(values[max(0, i - REWARD_SMOOTHING + 1) : i + 1]) / (i + 1 - max(0, i - REWARD_SMOOTHING + 1))
+                  for i in range(len(values))]
+        ax.plot(steps, window, linewidth=1.6, label=f"train: moving mean over {REWARD_SMOOTHING} steps")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation: mean reward, greedy")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return out_png
 
@@ -175,7 +213,9 @@ def write_report(run_dir: Path, summary: dict) -> Path:
     if summary.get("val_loss") is not None:
         lines += [f"Final validation loss: {summary['val_loss']:.4f}", ""]
     lines += examples_section(summary.get("examples") or [])
-    lines += ["![loss](loss.png)", "", "Artifacts: `config.yaml`, `metrics.jsonl`, `checkpoints/`, `adapter/`."]
+    lines += ["![loss](loss.png)", ""]
+    lines += ["![reward](reward.png)", ""] if (run_dir / "reward.png").exists() else []  # online RL
+    lines += ["Artifacts: `config.yaml`, `metrics.jsonl`, `checkpoints/`, `adapter/`."]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -45,6 +45,7 @@ from tunesmith.errors import UserError
 from tunesmith.objectives.lm import IGNORE, head_chunks, labelled_states
 from tunesmith.objectives.registry import LossOutput, Objective
 from tunesmith.rl import losses
+from tunesmith.train import distributed
 
 DYNAMIC_TRIES = 3  # objective.dynamic_sampling: draws of a flat group after the first
 FLAT_SHARE, FLAT_STEPS = 0.9, 5  # the no-signal warning: this share of flat groups, this many steps in a row
@@ -108,6 +109,7 @@ class Run:
     run_dir: Path | None = None
     stop_ids: tuple[int, ...] = ()
     buffers: dict[int, list[dict]] = field(default_factory=dict)  # rollout step -> micro-batches, in memory
+    carry: object = None  # rl/carry.Carry: reward call counters, the no-signal streak (set by bind)
 
 
 def sampling_config(opts, stop_ids: tuple[int, ...]):
@@ -132,6 +134,7 @@ def rollout(model, window: list[dict], step: int, generator: torch.Generator, op
     if run is None:
         raise UserError("objective.name=grpo needs its run context (tokenizer, rows): train through the train "
                         "command, or bind it with bind_run.")
+    check_whole(model)
     first = step - step % opts.num_iterations
     if not run.stop_ids:
         from tunesmith.rl.sampling import end_token_ids
@@ -158,6 +161,14 @@ def rollout(model, window: list[dict], step: int, generator: torch.Generator, op
     return [dict(b) for b in batches]  # the loop may add keys to a batch; the buffer stays as it is
 
 
+def check_whole(model) -> None:
+    """Sampling runs the model outside the loss: under FSDP2 (method full on several processes) its weights are
+    shards, which only the loss's forward gathers."""
+    if distributed.world() > 1 and distributed.is_sharded(model):
+        raise UserError("objective.name=grpo and ppo sample with the whole model, but method.name=full on several "
+                        "processes shards it (FSDP2): use an adapter method (lora, ...) under torchrun, or one process.")
+
+
 @dataclass
 class Groups:
     """A rollout's N prompts x G completions: token ids, whether each finished, rewards (K, N*G) and (N*G,)."""
@@ -169,20 +180,31 @@ class Groups:
     total: torch.Tensor
 
 
-def draw(model, indices: list[int], seeds: list[int], opts, rewards, run: Run, greedy: bool = False):
-    """(completions N x G, per_reward (K, N*G), total (N*G,)) for the prompts of these training examples."""
+def draw(model, indices: list[int], seeds: list[int], opts, rewards, run: Run, greedy: bool = False,
+         step: int | None = None):
+    """(completions N x G, per_reward (K, N*G), total (N*G,)) for the prompts of these training examples.
+    With `step` (a training rollout) the call is counted in run.carry; the rewards get its trainer_state."""
     from tunesmith.rl.rewards import score
     from tunesmith.rl.sampling import sample
+    from tunesmith.train import progress
 
+    info = None if run.carry is None else run.carry.called(step) if step is not None else run.carry.latest()
     cfg = sampling_config(opts, run.stop_ids)
     g = 1 if greedy else opts.num_generations
     if greedy:
         cfg = replace(cfg, temperature=0.0)
+    if not indices:  # under torchrun a process may have no prompt in a round (dynamic sampling, a short window)
+        return [], torch.zeros((len(rewards), 0), dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     prompts = [run.examples[i]["input_ids"] for i in indices]
-    completions = sample(model, prompts, g, cfg, seeds, run.pad_id)
-    rows = [json.loads(run.examples[i]["row"]) for i in indices]
-    texts = [[run.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in completions]
-    per_reward, total = score(rewards, *reward_inputs(rows, texts))
+    with progress.phase("generate"):
+        completions = sample(model, prompts, g, cfg, seeds, run.pad_id, progress=progress.tokens)
+    with progress.phase("score"):
+        rows = [json.loads(run.examples[i]["row"]) for i in indices]
+        texts = [[run.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group] for group in completions]
+        prompts, completions_in, columns = reward_inputs(rows, texts)
+        if info is not None:
+            columns["trainer_state"] = info  # TRL passes its TrainerState under this name too
+        per_reward, total = score(rewards, prompts, completions_in, columns)
     return completions, per_reward, total
 
 
@@ -208,11 +230,17 @@ def build_rollout(model, window, step, generator, opts, rewards, reference, run:
     per_batch = [[i for i in b["index"].tolist() if i >= 0] for b in window]
     indices = [i for chunk in per_batch for i in chunk]
     base = int(torch.randint(0, 2**62, (1,), generator=generator))
-    completions, per_reward, total = draw(model, indices, [prompt_seed(base, i) for i in indices], opts, rewards, run)
+    seeds = [prompt_seed(base, i) for i in indices]
+    completions, per_reward, total = draw(model, indices, seeds, opts, rewards, run, step=step)
     groups = Groups(indices, [run.examples[i]["input_ids"] for i in indices], completions, per_reward, total)
     if opts.dynamic_sampling:
-        redraw_flat_groups(model, groups, base, opts, rewards, run)
-    advantages, flat = losses.group_advantages(groups.total, g, opts.scale_rewards)
+        redraw_flat_groups(model, groups, base, opts, rewards, run, step)
+    # Under torchrun the advantages (the batch std) and the logged statistics are those of the whole rollout
+    # (all processes, in one process's order: rl/shards.py); each process keeps its own completions' share.
+    whole, mine = gather_rollout(groups, per_batch, g)
+    advantages, flat_all = losses.group_advantages(torch.tensor(whole["total"], dtype=torch.float64), g,
+                                                   opts.scale_rewards)
+    advantages, flat = advantages[mine], flat_all[mine]
     skip = flat if SKIP_FLAT and not opts.beta else torch.zeros_like(flat)  # beta > 0: the KL has a gradient
     device = next(model.parameters()).device
     batches, start = [], 0
@@ -220,7 +248,7 @@ def build_rollout(model, window, step, generator, opts, rewards, reference, run:
         rows = range(start * g, (start + len(chunk)) * g)
         batches.append(make_batch(groups, rows, advantages, skip, opts, run.pad_id, device))
         start += len(chunk)
-    add_rollout_stats(batches, groups, flat, rewards, opts)
+    add_rollout_stats(batches, whole, flat_all, rewards, opts)
     if opts.num_iterations > 1:  # the sampling policy's log-probabilities: the same forward as the loss's
         for batch in batches:
             if "input_ids" in batch:
@@ -245,18 +273,22 @@ def needs_reference_forward(opts, step: int) -> bool:
     return bool(every) and any((s + 1) % every == 0 for s in range(step, step + opts.num_iterations))
 
 
-def redraw_flat_groups(model, groups: Groups, base: int, opts, rewards, run: Run) -> None:
+def redraw_flat_groups(model, groups: Groups, base: int, opts, rewards, run: Run, step: int | None = None) -> None:
     """DAPO's dynamic sampling, bounded: draw each flat group again with a new seed, up to DYNAMIC_TRIES times,
-    and keep a new draw that is not flat."""
+    and keep a new draw that is not flat. Under torchrun every process takes part in a round while any process
+    has a flat group, so the reward call counter (run.carry) is the same on all of them and as one process's."""
     g = opts.num_generations
     for attempt in range(1, DYNAMIC_TRIES + 1):
         grouped = groups.total.view(-1, g)
         flat = [n for n in range(grouped.shape[0]) if bool((grouped[n] == grouped[n, 0]).all())]
-        if not flat:
+        flat_anywhere = int(distributed.sum_over_ranks(len(flat))[0])
+        if not flat_anywhere:
             return
+        if run.carry is not None:
+            run.carry.redraws += flat_anywhere
         indices = [groups.indices[n] for n in flat]
         seeds = [prompt_seed(base, i, attempt) for i in indices]
-        completions, per_reward, total = draw(model, indices, seeds, opts, rewards, run)
+        completions, per_reward, total = draw(model, indices, seeds, opts, rewards, run, step=step)
         for k, n in enumerate(flat):
             new = total[k * g : (k + 1) * g]
             if not bool((new == new[0]).all()):
@@ -295,9 +327,12 @@ def make_batch(groups: Groups, rows: range, advantages, skip, opts, pad_id: int,
                      completion_mask=completion_mask, advantages=torch.tensor([a for _, _, a in seqs]))
     else:
         batch["real_tokens"] = torch.tensor(0)
+        batch["filler_ids"] = torch.tensor([[pad_id]])  # under torchrun: a forward with no loss (grpo_loss)
     forwarded_tokens = int(batch["completion_mask"].sum()) if seqs else 0
-    batch["units"] = torch.tensor(batch_units(opts.loss_type, len(seqs) + skipped_seqs,
-                                              forwarded_tokens + skipped_tokens))
+    units = batch_units(opts.loss_type, len(seqs) + skipped_seqs, forwarded_tokens + skipped_tokens)
+    if opts.loss_type == "bnpo" and distributed.rank() > 0:
+        units = 0  # bnpo: a global micro-batch counts once, on rank 0; its divisor (micro_tokens) is global
+    batch["units"] = torch.tensor(units)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -306,21 +341,40 @@ def batch_units(loss_type: str, sequences: int, tokens: int) -> int:
     return {"grpo": sequences, "dr_grpo": sequences, "bnpo": 1, "dapo": tokens}[loss_type]
 
 
-def add_rollout_stats(batches: list[dict], groups: Groups, flat, rewards, opts) -> None:
-    """Each window-level number v goes into every micro-batch as v * its units (`stat/<name>`), so the loop's
-    sum over micro-batches / the window's units logs v; `token_scale` = window units / forwarded completion
-    tokens turns a micro-batch's token sums into the window's token means the same way."""
+def gather_rollout(groups: Groups, per_batch: list[list[int]], g: int) -> tuple[dict[str, list], list[int]]:
+    """({total, per_reward, length, finished}: one entry per completion of the whole rollout, all processes, in
+    one process's order; the positions of this process's completions in it) (rl/shards.py)."""
+    from tunesmith.rl.shards import gather_in_order
+
+    completions = [c for group in groups.completions for c in group]
+    values = {"total": groups.total.tolist(), "per_reward": groups.per_reward.T.tolist(),
+              "length": [len(c.token_ids) for c in completions], "finished": [c.finished for c in completions]}
+    return gather_in_order([len(chunk) * g for chunk in per_batch], values)
+
+
+def add_rollout_stats(batches: list[dict], whole: dict[str, list], flat, rewards, opts) -> None:
+    """Each number v of the whole rollout (all processes: `whole` and `flat` from gather_rollout) goes into every
+    micro-batch as v * its units (`stat/<name>`), so the loop's sum over micro-batches (and processes) / the
+    window's units logs v; `token_scale` = window units / forwarded completion tokens turns a micro-batch's token
+    sums into the window's token means the same way. `micro_tokens`: the completion tokens of each global
+    micro-batch, bnpo's divisor."""
     g = opts.num_generations
-    lengths = torch.tensor([len(c.token_ids) for group in groups.completions for c in group], dtype=torch.float64)
-    finished = torch.tensor([c.finished for group in groups.completions for c in group], dtype=torch.float64)
-    values = {"reward": groups.total.mean(), "reward_std": _std(groups.total),
+    total = torch.tensor(whole["total"], dtype=torch.float64)
+    per_reward = torch.tensor(whole["per_reward"], dtype=torch.float64).reshape(-1, len(rewards)).T  # (K, B)
+    lengths = torch.tensor(whole["length"], dtype=torch.float64)
+    finished = torch.tensor(whole["finished"], dtype=torch.float64)
+    values = {"reward": total.mean(), "reward_std": _std(total),
               "frac_reward_zero_std": flat.double().view(-1, g)[:, 0].mean(),
               "completion_length": lengths.mean(), "truncated": 1 - finished.mean()}
     for k, reward in enumerate(rewards):
-        values[f"reward_{reward.name}"] = groups.per_reward[k].mean()
-        values[f"reward_{reward.name}_std"] = _std(groups.per_reward[k])
-    window_units = sum(int(b["units"]) for b in batches)
-    tokens = sum(float(b["completion_mask"].sum()) for b in batches if "completion_mask" in b)
+        values[f"reward_{reward.name}"] = per_reward[k].mean()
+        values[f"reward_{reward.name}_std"] = _std(per_reward[k])
+    forwarded = [float(b["completion_mask"].sum()) if "completion_mask" in b else 0.0 for b in batches]
+    *micro_tokens, window_units, tokens = distributed.sum_over_ranks(
+        *[n + float(b["skipped_tokens"]) for n, b in zip(forwarded, batches)],
+        sum(int(b["units"]) for b in batches), sum(forwarded))
+    for b, n in zip(batches, micro_tokens):
+        b["micro_tokens"] = torch.tensor(n, device=b["units"].device)
     for b in batches:
         share = int(b["units"])
         for name, v in values.items():
@@ -360,8 +414,10 @@ def grpo_loss(model, batch: dict[str, torch.Tensor], opts) -> LossOutput:
     skipped flat sequences counted in the divisor."""
     n = units(batch)
     stats = {k.removeprefix("stat/"): float(v) for k, v in batch.items() if k.startswith("stat/")}
-    if "input_ids" not in batch:  # every sequence of this micro-batch was flat: nothing to forward
+    if "input_ids" not in batch:  # every sequence of this micro-batch was flat (or a filler): nothing to forward
         zero = torch.zeros((), requires_grad=True, device=batch["units"].device)
+        if "filler_ids" in batch and distributed.world() > 1:  # DDP needs every process in every backward
+            zero = model(input_ids=batch["filler_ids"]).logits.float().sum() * 0.0
         return zero, n, {**stats, "policy_loss": 0.0}
     logps, entropy = completion_logps(model, batch, entropy=True)
     mask = batch["completion_mask"]
@@ -370,7 +426,7 @@ def grpo_loss(model, batch: dict[str, torch.Tensor], opts) -> LossOutput:
     beta = opts.beta or 0.0
     token_loss, parts = losses.grpo_token_loss(logps, old, batch["advantages"], mask, opts.epsilon_low,
                                                opts.epsilon_high, beta, batch.get("ref_logps"))
-    skipped = (int(batch["skipped_sequences"]), int(batch["skipped_tokens"]))
+    skipped = (int(batch["skipped_sequences"]), int(batch["skipped_tokens"]), batch.get("micro_tokens"))
     total = aggregate(token_loss, mask, opts, *skipped)
     policy = token_loss.detach() - (beta * parts["kl"].detach() * mask if beta else 0.0)
     scale = float(batch["token_scale"])
@@ -383,10 +439,13 @@ def grpo_loss(model, batch: dict[str, torch.Tensor], opts) -> LossOutput:
     return total, n, metrics
 
 
-def aggregate(token_loss, mask, opts, skipped_sequences: int, skipped_tokens: int) -> torch.Tensor:
-    """The loss sum of losses.aggregate, with skipped flat sequences (loss 0) in bnpo's token divisor."""
+def aggregate(token_loss, mask, opts, skipped_sequences: int, skipped_tokens: int,
+              micro_tokens=None) -> torch.Tensor:
+    """The loss sum of losses.aggregate, with skipped flat sequences (loss 0) in bnpo's token divisor; under
+    torchrun bnpo divides by the tokens of the global micro-batch (`micro_tokens`, all processes)."""
     if opts.loss_type == "bnpo":
-        return (token_loss * mask).sum() / (mask.sum() + skipped_tokens).clamp(min=1)
+        divisor = micro_tokens if micro_tokens is not None else mask.sum() + skipped_tokens
+        return (token_loss * mask).sum() / divisor.clamp(min=1)
     return losses.aggregate(token_loss, mask, opts.loss_type, opts.max_new_tokens)[0]
 
 
@@ -398,7 +457,8 @@ def held_out_reward(model, examples, batch_size: int, pad_id: int, pack_len: int
     """{"val_reward": the mean reward of greedy completions of the validation prompts, "val_reward_<name>": ...}."""
     if run is None:
         return None
-    scoring = Run(run.tokenizer, examples, run.pad_id, stop_ids=run.stop_ids)
+    scoring = Run(run.tokenizer, examples, run.pad_id, stop_ids=run.stop_ids, carry=run.carry)
+    model = distributed.unwrap(model)  # under torchrun the loop passes the DDP wrapper; sampling runs the model
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
@@ -424,21 +484,28 @@ def no_signal_warning(metrics: dict, seen: list[int]) -> str | None:
 
 
 def configure(cfg, method=None) -> Objective:
-    """objective.* options, the rewards (imported now) and the reference (the method switched off) bound in."""
+    """objective.* options, the rewards (imported now: objective.rewards, and objective.reward_model as one more
+    reward, tunesmith/rl/reward_model.py) and the reference (the method switched off) bound in."""
     from tunesmith.methods.registry import switch_adapters_off
-    from tunesmith.rl.rewards import load_rewards
+    from tunesmith.rl.reward_model import objective_rewards
 
-    rewards = load_rewards(cfg.rewards)
+    rewards = objective_rewards(cfg, "grpo")
     reference = (method.disable if method is not None else switch_adapters_off)
     return bind(cfg, rewards, reference, None)
 
 
 def bind(opts, rewards, reference, run: Run | None) -> Objective:
-    """The objective with its options, rewards, reference and (once bound) run in every function that needs them."""
+    """The objective with its options, rewards, reference and (once bound) run in every function that needs them;
+    its carry (rl/carry.py: reward call counters, the no-signal streak) is the run's, saved in checkpoints."""
+    from tunesmith.rl.carry import Carry
+
+    carry = Carry(rewards) if run is None or run.carry is None else run.carry
+    if run is not None:
+        run.carry = carry
     metric_names = METRICS + tuple(f"reward_{r.name}{s}" for r in rewards for s in ("", "_std"))
     unit = {"grpo": "completions", "dr_grpo": "completions", "bnpo": "micro-batches", "dapo": "completion tokens"}
-    return replace(OBJECTIVE, loss=partial(grpo_loss, opts=opts), metrics=metric_names,
-                   unit=unit[opts.loss_type], check_step=partial(no_signal_warning, seen=[0]),
+    return replace(OBJECTIVE, loss=partial(grpo_loss, opts=opts), metrics=metric_names, carry=carry,
+                   unit=unit[opts.loss_type], check_step=partial(no_signal_warning, seen=carry.streak),
                    rollout=partial(rollout, opts=opts, rewards=rewards, reference=reference, run=run),
                    score=partial(held_out_reward, opts=opts, rewards=rewards, run=run),
                    bind_run=partial(bind_run, opts=opts, rewards=rewards, reference=reference))

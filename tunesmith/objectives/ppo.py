@@ -141,9 +141,12 @@ class Rollouts:
         if self.run is None:
             raise UserError("objective.name=ppo needs its run context (tokenizer, rows): train through the train "
                             "command, or bind it with bind_run.")
+        from tunesmith.objectives.grpo import check_whole
+
+        check_whole(model)
         first = step - step % self.steps
         if step == first:
-            self.buffer = self.collect(model, window, generator)
+            self.buffer = self.collect(model, window, generator, step)
             if self.run.run_dir is not None and self.steps > 1:
                 save_buffer(self.run.run_dir, first, [self.buffer], self.steps)
         elif self.first != first:  # resumed in the middle of a rollout's steps
@@ -158,24 +161,40 @@ class Rollouts:
         return [{k: v.to(device) for k, v in mb.items()} for mb in self.minibatch(step - first, len(window))]
 
     @torch.no_grad()
-    def collect(self, model, window: list[dict], generator) -> dict[str, torch.Tensor]:
+    def collect(self, model, window: list[dict], generator, step: int | None = None) -> dict[str, torch.Tensor]:
         """Sample, score, and compute old log-probabilities, values, reference log-probabilities, per-token rewards,
-        advantages and returns of every sample of the window's prompts (on the CPU, padded to the longest)."""
+        advantages and returns of every sample of the window's prompts (on the CPU, padded to the longest).
+
+        Under torchrun each process samples, scores and runs the forwards of its own prompts; the samples of all
+        processes are then gathered in one process's order (rl/shards.py), and the per-token rewards, GAE and the
+        whitening over the whole rollout run on every process alike: the buffer is the global rollout, and each
+        process trains on its share of every micro-batch (minibatch)."""
         from tunesmith.objectives.grpo import draw, prompt_seed
+        from tunesmith.rl.shards import gather_in_order
 
         o, run, g = self.opts, self.run, self.opts.num_generations
-        indices = [i for mb in window for i in mb["index"].tolist() if i >= 0]
+        per_batch = [[i for i in mb["index"].tolist() if i >= 0] for mb in window]
+        indices = [i for chunk in per_batch for i in chunk]
         base = int(torch.randint(0, 2**62, (1,), generator=generator))
         order_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        completions, _, total = draw(model, indices, [prompt_seed(base, i) for i in indices], o, self.rewards, run)
+        seeds = [prompt_seed(base, i) for i in indices]
+        completions, _, total = draw(model, indices, seeds, o, self.rewards, run, step=step)
         samples = [c.token_ids for group in completions for c in group]
         prompts = [run.examples[i]["input_ids"] for i in indices for _ in range(g)]
-        batch = pad_samples(prompts, samples, run.pad_id)
-        logps, values = forward_in_chunks(model, batch, ROLLOUT_CHUNK)
-        with self.reference(model):
-            ref_logps, _ = forward_in_chunks(model, batch, ROLLOUT_CHUNK)
+        own = {"prompt": prompts, "completion": samples, "score": total.tolist(), "logps": [], "values": [],
+               "ref_logps": []}
+        if samples:
+            batch = pad_samples(prompts, samples, run.pad_id)
+            logps, values = forward_in_chunks(model, batch, ROLLOUT_CHUNK)
+            with self.reference(model):
+                ref_logps, _ = forward_in_chunks(model, batch, ROLLOUT_CHUNK)
+            for name, x in (("logps", logps), ("values", values), ("ref_logps", ref_logps)):
+                own[name] = [x[i, : len(c)].tolist() for i, c in enumerate(samples)]
+        whole, _ = gather_in_order([len(chunk) * g for chunk in per_batch], own)
+        batch = pad_samples(whole["prompt"], whole["completion"], run.pad_id)
         mask = batch["mask"]
-        scores = total.float()
+        logps, values, ref_logps = (padded(whole[name], mask.shape) for name in ("logps", "values", "ref_logps"))
+        scores = torch.tensor(whole["score"], dtype=torch.float64).float()
         rewards, kl = per_token_rewards(scores, logps, ref_logps, mask, o.kl_coef)
         gamma = 1.0 if o.gamma is None else o.gamma
         advantages, returns = advantages_and_returns(rewards, values * mask, mask, gamma, o.lam, o.whiten_rewards)
@@ -186,15 +205,19 @@ class Rollouts:
     def minibatch(self, phase: int, micro: int) -> list[dict[str, torch.Tensor]]:
         """Minibatch phase % M of epoch phase // M (a seeded order of the rollout per epoch), in `micro` micro-batches,
         each cut to its own longest sequence."""
-        b, m = self.buffer["input_ids"].shape[0], self.opts.num_minibatches
-        if b < m * micro:
+        from tunesmith.train import distributed
+
+        b, m, world = self.buffer["input_ids"].shape[0], self.opts.num_minibatches, distributed.world()
+        if b < m * micro * world:
             raise UserError(f"PPO: a rollout of {b} samples cannot fill objective.num_minibatches={m} minibatches of "
-                            f"train.grad_accum={micro} micro-batches; raise train.batch_size or num_generations.")
+                            f"train.grad_accum={micro} micro-batches on {world} process(es); raise train.batch_size "
+                            "or num_generations.")
         epoch, index = divmod(phase, m)
         order_seed = int(self.buffer["order_seed"])
         order = torch.randperm(b, generator=torch.Generator().manual_seed((order_seed + epoch) % 2**63))
         out = []
         for rows in torch.tensor_split(torch.tensor_split(order, m)[index], micro):
+            rows = distributed.share(rows)  # under torchrun: this process's share of the global micro-batch
             width, t = int(self.buffer["seq_len"][rows].max()), int(self.buffer["mask"][rows].sum(1).max())
             mb = {k: v[rows] for k, v in self.buffer.items() if v.dim() > 0}
             mb["input_ids"], mb["attention_mask"] = mb["input_ids"][:, :width], mb["attention_mask"][:, :width]
@@ -205,17 +228,11 @@ class Rollouts:
 
 
 def load_reward_functions(opts) -> list:
-    """rewards.Reward entries: the reward model (objective.reward_model, weight 1) and objective.rewards."""
-    from tunesmith.rl.reward_model import RewardModelFunction
-    from tunesmith.rl.rewards import Reward, load_rewards
+    """rewards.Reward entries: the reward model (objective.reward_model, weight objective.reward_model_weight) and
+    objective.rewards (reward_model.py objective_rewards, GRPO's too)."""
+    from tunesmith.rl.reward_model import objective_rewards
 
-    found = [Reward("reward_model", RewardModelFunction(opts.reward_model))] if opts.reward_model else []
-    if opts.rewards:
-        found += load_rewards(opts.rewards)
-    if not found:
-        raise UserError("objective.name=ppo needs a reward: objective.reward_model (output.dir/reward_model of a "
-                        "reward run) or objective.rewards (functions), or both.")
-    return found
+    return objective_rewards(opts, "ppo")
 
 
 def pad_samples(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -253,6 +270,14 @@ def forward_in_chunks(model, batch: dict, size: int) -> tuple[torch.Tensor, torc
     finally:
         model.train(was_training)
     return torch.cat(logps), torch.cat(values)
+
+
+def padded(rows: list[list[float]], shape) -> torch.Tensor:
+    """Per-sample lists of per-token numbers as one (B, T) float32 tensor, 0 past each sample's end."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 def completion_tokens(batch: dict) -> int:
@@ -293,11 +318,17 @@ def configure(cfg, method=None) -> Objective:
 
 
 def bind(opts, rewards, reference, run) -> Objective:
+    """The objective with its options, rewards and reference bound in; its carry (rl/carry.py: the reward call
+    counter, stateful rewards) is the run's, saved in checkpoints."""
     from tunesmith.objectives.grpo import held_out_reward
+    from tunesmith.rl.carry import Carry
 
+    carry = Carry(rewards) if run is None or run.carry is None else run.carry
+    if run is not None:
+        run.carry = carry
     loss = partial(ppo_loss, vf_coef=opts.vf_coef, epsilon_low=opts.epsilon_low, epsilon_high=opts.epsilon_high,
                    cliprange_value=opts.cliprange_value)
-    return replace(OBJECTIVE, loss=loss, rollout=Rollouts(opts, rewards, reference, run),
+    return replace(OBJECTIVE, loss=loss, rollout=Rollouts(opts, rewards, reference, run), carry=carry,
                    score=partial(held_out_reward, opts=opts, rewards=rewards, run=run),
                    bind_run=partial(bind_run, opts=opts, rewards=rewards, reference=reference))
 

@@ -42,6 +42,10 @@ The data pipeline and the loop know no objective by name. An objective says:
                                   optional: the configured objective bound to the run, after configure:
                                   what its rollout needs beyond the model (GRPO: the tokenizer to decode
                                   samples for the rewards, the rows they score, output.dir for its buffer)
+    carry                         optional: what the objective carries between steps (online RL: reward
+                                  call counters, the no-signal warning's streak; tunesmith/rl/carry.py), an
+                                  object with state_dict() -> a JSON-able dict and load_state_dict(dict):
+                                  saved in every checkpoint and restored on resume
 
 Adding an objective is one file that defines `OBJECTIVE = Objective(...)` and one line in
 OBJECTIVES below (name -> module); objective.name accepts it from then on. `auto` picks one by the
@@ -100,6 +104,7 @@ class Objective:
     test_score: Callable[..., dict] | None = None  # (model, tokenizer, cfg) -> test scores, instead of generating
     export: Callable[..., None] | None = None  # (model, method, cfg, run_dir, tokenizer): its own artifact
     bind_run: Callable[..., "Objective"] | None = None  # (cfg, tokenizer, run_dir, data) -> the objective as run
+    carry: Any = None  # state_dict() / load_state_dict(dict): saved in checkpoints (rl/carry.py)
 
     def configured(self, cfg, method=None) -> "Objective":
         """This objective with the run's options (objective.beta, ...) and the method's reference switch bound

@@ -15,15 +15,61 @@ So a policy's completion is judged as the reward model saw answers in training, 
 tokenizer: the completion goes in as text (a string, or TRL's `[{"role": "assistant", "content": ...}]`).
 
 Used by PPO (its score at the last token of each completion) and by GRPO (`objective.reward_model: PATH`),
-beside or instead of `module:function` rewards. The model is loaded on first call, not at construction, so
-validating a config costs nothing.
+beside or instead of `module:function` rewards, weighted by objective.reward_model_weight (objective_rewards). The
+model is loaded on first call, not at construction; construction only reads config.json, so a folder that is no
+reward model (a typo, a policy's folder) stops the run before its first step.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tunesmith.errors import UserError
+
+NAME = "reward_model"  # the reward model's name among the rewards: GRPO logs reward_reward_model
+
+
+def objective_rewards(opts, objective: str) -> list:
+    """The rewards of objective.* as rewards.Reward entries: the reward model (objective.reward_model, weighted by
+    objective.reward_model_weight, named NAME) first, then the functions of objective.rewards. Each is checked now
+    (an import typo, a folder that is no reward model), so a mistake stops the run before any training step."""
+    from tunesmith.rl.rewards import Reward, load_rewards
+
+    found = []
+    if opts.reward_model:
+        weight = float(getattr(opts, "reward_model_weight", 1.0))
+        found.append(Reward(NAME, RewardModelFunction(opts.reward_model), weight))
+    if opts.rewards:
+        found += load_rewards(opts.rewards)
+    if not found:
+        raise UserError(f"objective.name={objective} needs a reward: objective.reward_model (output.dir/reward_model "
+                        "of an objective.name=reward run) or objective.rewards (functions, e.g. [field_accuracy]), "
+                        "or both.")
+    if sum(r.name == NAME for r in found) > 1:
+        raise UserError(f"objective.rewards: a reward function is named {NAME!r}, the name of objective.reward_model "
+                        "in the metrics; rename the function.")
+    return found
+
+
+def check_reward_model_folder(path: str) -> None:
+    """A UserError unless `path` holds a config.json of a one-label sequence classifier (read as JSON: no model is
+    loaded yet): a typo, or a policy's adapter or causal LM folder given by mistake, fails at once."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"objective.reward_model={path!r} is not a model folder (no config.json); pass "
+                        "output.dir/reward_model of an objective.name=reward run.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"objective.reward_model={path!r}: {config_path} is not readable JSON ({e}).") from None
+    architectures = config.get("architectures") or []
+    labels = config.get("num_labels", len(config["id2label"]) if config.get("id2label") else None)
+    if (architectures and not any(a.endswith("ForSequenceClassification") for a in architectures)) or labels != 1:
+        raise UserError(f"objective.reward_model={path!r} is not a reward model (architectures "
+                        f"{architectures or 'unset'}, {labels if labels is not None else 'no'} labels; a reward model "
+                        "is a sequence classifier with one label): pass output.dir/reward_model of an "
+                        "objective.name=reward run, not a policy's model or adapter folder.")
 
 
 class RewardModelFunction:
@@ -36,9 +82,7 @@ class RewardModelFunction:
         self.device = device  # None: the device of the first call's `device` keyword, else CPU
         self.__name__ = f"reward_model:{Path(self.path).name}"
         self._model = self._tokenizer = None
-        if not (Path(self.path) / "config.json").is_file():
-            raise UserError(f"objective.reward_model={self.path!r} is not a model folder (no config.json); pass "
-                            "output.dir/reward_model of an objective.name=reward run.")
+        check_reward_model_folder(self.path)
 
     def load(self):
         """(model in eval mode, tokenizer), loaded once (tunesmith score's loader: one label, a pad id)."""

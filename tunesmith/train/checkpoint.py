@@ -6,7 +6,8 @@ A checkpoint `checkpoints/step-N/` holds everything the next step depends on:
                             changes outside the optimizer (see `checkpoint_tensors`)
     optimizer.pt            AdamW moments and step counts (tensors only; read with weights_only=True)
     rng.pt                  torch CPU (and CUDA) generator states
-    state.json              step, tokens seen, Python and NumPy RNG states, the config
+    state.json              step, tokens seen, the objective's carried state (online RL's reward call
+                            counters: rl/carry.py), Python and NumPy RNG states, the config
     COMPLETE                written last: a folder without it is ignored
 
 The schedule is a pure function of the step and the data order a pure function of (seed, step),
@@ -30,7 +31,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class TrainState:
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
     warned: bool = False  # the objective's check_step warning was logged (once a run, resumes included)
+    objective: dict = field(default_factory=dict)  # the objective's carry.state_dict() (rl/carry.py), JSON
 
 
 def rng_snapshot() -> tuple[dict, dict]:

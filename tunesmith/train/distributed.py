@@ -134,6 +134,17 @@ def run_through(module: nn.Module, fn, batch: dict):
     return fn(module, batch)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside the DDP wrapper and the LossModule that `wrap` put around it (the module itself if
+    neither): for work outside the loss that must not go through DDP's forward, e.g. sampling (rl/sampling.py).
+    Under FSDP2 the model's weights stay shards: such work needs the whole model."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(module, DDP):
+        module = module.module
+    return module.model if isinstance(module, LossModule) else module
+
+
 def wrap(model: nn.Module, loss_fn, method_name: str):
     """(module, loss_fn) for the loop: `loss_fn(module, batch)` computes the loss; unchanged for one process.
 

@@ -14,6 +14,9 @@ checkpoint. The environment says where, read once when this module is first impo
                                        log-probabilities are done (objectives/preference.py), before
                                        their file is written
     TUNESMITH_TEST_LOG_SAMPLES=PATH    append {"step", "micro", "rows"[, "rank"]} per micro-batch served
+    TUNESMITH_TEST_LOG_PHASES=PATH     append {"step", "phase"} at the start of each phase of a step
+                                       (train/progress.py: generate, score, update) and of each
+                                       micro-batch's forward ("micro-K"), for kills within a phase
 
 `warn_if_armed()` runs when training starts: a variable left set in a user's shell must never
 kill a run silently.
@@ -42,6 +45,7 @@ class Faults:
     pause_in_save: tuple[int, float] | None = None  # (step, seconds)
     log_samples: str | None = None
     kill_in_reference: int | None = None  # reference batches done
+    log_phases: str | None = None
 
     @classmethod
     def from_env(cls, env) -> "Faults":
@@ -51,7 +55,8 @@ class Faults:
 
         number = lambda name: int(env[PREFIX + name]) if env.get(PREFIX + name) else None
         return cls(number("KILL_AT_STEP"), number("KILL_RANK"), pair("KILL_IN_STEP"), pair("PAUSE_IN_SAVE", float),
-                   env.get(PREFIX + "LOG_SAMPLES") or None, number("KILL_IN_REFERENCE"))
+                   env.get(PREFIX + "LOG_SAMPLES") or None, number("KILL_IN_REFERENCE"),
+                   env.get(PREFIX + "LOG_PHASES") or None)
 
     @property
     def armed(self) -> bool:
@@ -79,7 +84,10 @@ def after_step(step: int, rank: int) -> None:
 
 
 def in_window(loss_fn, step: int):
-    """`loss_fn`, or inside step KILL_IN_STEP a copy that kills before micro-batch K's forward."""
+    """`loss_fn`, or inside step KILL_IN_STEP a copy that kills before micro-batch K's forward (and with
+    LOG_PHASES one that logs each micro-batch's start)."""
+    if ARMED.log_phases:
+        loss_fn = _phase_logged(loss_fn, step)
     if ARMED.kill_in_step is None or ARMED.kill_in_step[0] != step:
         return loss_fn
     done, calls = ARMED.kill_in_step[1], [0]
@@ -91,6 +99,24 @@ def in_window(loss_fn, step: int):
         return loss_fn(model, batch)
 
     return counted
+
+
+def _phase_logged(loss_fn, step: int):
+    calls = [0]
+
+    def logged(model, batch):
+        log_phase(step, f"micro-{calls[0]}")
+        calls[0] += 1
+        return loss_fn(model, batch)
+
+    return logged
+
+
+def log_phase(step: int, phase: str) -> None:
+    """Append {"step", "phase"} to LOG_PHASES (flushed at once: a test reads it to time a kill)."""
+    if ARMED.log_phases:
+        with open(ARMED.log_phases, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "phase": phase}) + "\n")
 
 
 def in_reference(batches_done: int) -> None:

@@ -44,7 +44,7 @@ from tunesmith.files import atomic_write_text
 from tunesmith.models.attention import NAME as VARLEN
 from tunesmith.models.attention import restore_attention, use_varlen_attention
 from tunesmith.objectives.registry import Objective, as_loss_output, get_objective
-from tunesmith.train import distributed, faults
+from tunesmith.train import distributed, faults, progress
 from tunesmith.train.validate import held_out_score
 from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete_checkpoints, load_checkpoint,
                                        save_checkpoint)
@@ -267,24 +267,31 @@ def train(model, train_examples, val_examples, cfg: Config, run_dir: Path, pad_i
             param_groups = param_groups(model)
         optimizer = build_optimizer(param_groups or [p for p in model.parameters() if p.requires_grad], t)
         state = resume_state(run_dir, model, optimizer, schedule.total_steps, t.resume)
+        if state is not None and objective.carry is not None:  # reward call counters and the like (rl/carry.py)
+            objective.carry.load_state_dict(state.objective)
         metrics = MetricsLog(run_dir / "metrics.jsonl", state.step if state else None, trackers)
         state = state or TrainState()
         setup.runner.train()
         bar = tqdm(total=schedule.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not distributed.is_main())
-        while state.step < schedule.total_steps:
-            run_step(setup, optimizer, source, objective, state, schedule, cfg, after_step, metrics, bar)
-            last = state.step == schedule.total_steps
-            if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
-                scores = held_out_score(setup.runner, val_examples, t.batch_size, pad_id, objective, setup.loss_fn,
-                                        setup.pack_len)
-                metrics.write({"step": state.step, **scores})
-                if distributed.is_main():
-                    shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in scores.items())
-                    bar.write(f"step {state.step}: validation {shown}")
-            if (t.save_every and state.step % t.save_every == 0) or last:
-                save_checkpoint(run_dir, state, trainable_state(model), optimizer, cfg.to_dict(), t.keep_checkpoints)
-            faults.after_step(state.step, distributed.rank())
+        phase_bar = bar if distributed.is_main() and objective.rollout is not None else None  # online RL only
+        with progress.active(phase_bar):  # train/progress.py: the rollout and update phases of a step on the bar
+            while state.step < schedule.total_steps:
+                run_step(setup, optimizer, source, objective, state, schedule, cfg, after_step, metrics, bar)
+                last = state.step == schedule.total_steps
+                if val_examples and ((t.eval_every and state.step % t.eval_every == 0) or last):
+                    scores = held_out_score(setup.runner, val_examples, t.batch_size, pad_id, objective,
+                                            setup.loss_fn, setup.pack_len)
+                    metrics.write({"step": state.step, **scores})
+                    if distributed.is_main():
+                        shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in scores.items())
+                        bar.write(f"step {state.step}: validation {shown}")
+                if (t.save_every and state.step % t.save_every == 0) or last:
+                    if objective.carry is not None:
+                        state.objective = objective.carry.state_dict()
+                    save_checkpoint(run_dir, state, trainable_state(model), optimizer, cfg.to_dict(),
+                                    t.keep_checkpoints)
+                faults.after_step(state.step, distributed.rank())
         bar.close()
     return state
 
@@ -295,13 +302,18 @@ def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective,
     t = cfg.train
     started = time.perf_counter()
     step = state.step  # 0-based index of this step; state.step counts the steps done
+    phases = progress.current()
+    phases.begin_step(step)
     window = source.window(step)
     if objective.rollout is not None:
-        window = objective.rollout(setup.model, window, step, rollout_generator(t.seed, step))
+        with phases.phase("rollout"):
+            window = objective.rollout(setup.model, window, step, rollout_generator(t.seed, step))
     if objective.before_window is not None:  # e.g. KTO's z0: a statistic of the whole global window
         window = objective.before_window(setup.runner, window)
-    result = train_step(setup.runner, optimizer, window, t.max_grad_norm, faults.in_window(setup.loss_fn, step + 1),
-                        objective)
+    with phases.phase("update"):
+        result = train_step(setup.runner, optimizer, window, t.max_grad_norm,
+                            faults.in_window(setup.loss_fn, step + 1), objective)
+    phases.tokens(result.tokens, "update")
     # loss and grad_norm are global (summed or combined over processes): every process decides alike
     if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
         set_lr(optimizer, lr_at(step, t, schedule.total_steps))
@@ -322,6 +334,7 @@ def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective,
         "lr": lr_at(step, t, schedule.total_steps),
         "grad_norm": result.grad_norm,
         "tokens_per_s": result.tokens / elapsed,
+        **(phases.rates() if objective.rollout is not None else {}),  # generate_/update_tokens_per_s
         "step_time": elapsed,
         "epoch": step * schedule.grad_accum / schedule.batches_per_epoch,
     }
@@ -333,7 +346,8 @@ def run_step(setup: Setup, optimizer, source: BatchSource, objective: Objective,
         state.warned = True
     bar.update(1)
     bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in result.metrics.items()},
-                    lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    **(phases.postfix() if objective.rollout is not None else {}))
 
 
 def skip_step(state: TrainState, step: int, result: "StepResult", max_bad_steps: int) -> None:
