@@ -100,7 +100,8 @@ def test_exported_folder_loads_in_sentence_transformers(full_run, files):
     assert (ours - base).abs().max() > 1e-3  # it is the tuned model, not the base copied
 
 
-def test_lora_adapter_and_merged_folder_both_load(files, tmp_path):
+@pytest.mark.parametrize("targets", ["all-linear", "[query,key,value,dense,word_embeddings]"])
+def test_lora_adapter_and_merged_folder_both_load(files, tmp_path, targets):
     peft = pytest.importorskip("peft")
     from transformers import AutoModel
 
@@ -108,7 +109,8 @@ def test_lora_adapter_and_merged_folder_both_load(files, tmp_path):
     from tunesmith.embed.train import train_embedder
 
     summary = train_embedder(config(files, tmp_path, "method.name=lora", "method.r=4", "train.lr=1e-2",
-                                    "train.max_steps=4", "eval.select_best=false"))
+                                    "train.max_steps=4", "eval.select_best=false", "eval.export_if_worse=true",
+                                    f"method.target_modules={targets}"))
     assert summary["adapter"] and json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
         "task_type"] == "FEATURE_EXTRACTION"
     texts = ["what river bank?", "the money loan in the city"]
@@ -118,7 +120,13 @@ def test_lora_adapter_and_merged_folder_both_load(files, tmp_path):
     with torch.no_grad():
         vectors = pool(model(**features).last_hidden_state, features["attention_mask"], ("mean",))
     assert (torch.nn.functional.normalize(vectors, dim=-1) - exported.encode(texts)).abs().max() <= 1e-5
-    assert (exported.encode(texts) - load_encoder(str(files[0])).encode(texts)).abs().max() > 1e-4
+    base = load_encoder(str(files[0]))
+    assert (exported.encode(texts) - base.encode(texts)).abs().max() > 1e-4
+    # LoRA on the word embeddings (docs/embeddings.md, the demo): peft wraps the table, and the merged table moved
+    tables = [m.model.embeddings.word_embeddings.weight for m in (exported, base)]
+    embedded = "word_embeddings" in targets
+    assert isinstance(model.base_model.model.embeddings.word_embeddings, peft.tuners.lora.Embedding) == embedded
+    assert ((tables[0] - tables[1]).abs().max() > 1e-4) == embedded
 
 
 def test_resume_is_bit_exact(files, tmp_path, monkeypatch):

@@ -75,7 +75,9 @@ class MethodConfig(Section):
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Which linear layers get adapters: all-linear (every linear layer but the output head), "
-        "a list of module-name suffixes (e.g. [q_proj, v_proj]), or a regex matched against full module names.",
+        "a list of module-name suffixes (e.g. [q_proj, v_proj]), or a regex matched against full module names. "
+        "Plain lora also adapts an embedding table named in a list or regex (e.g. embed_tokens, word_embeddings), "
+        "as PEFT does.",
     )
     trainable_blocks: int = Field(2, ge=0, description="freeze: how many of the last transformer blocks train.")
     trainable_modules: list[str] = Field(

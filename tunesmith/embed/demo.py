@@ -40,6 +40,10 @@ PASSAGES = ["To {action} a {thing} {situation}, file a {form} at the {desk} and 
             "If you must {action} your {thing} {situation}, send the {form} to the {desk}; expect the {team} to "
             "answer in {days} days, code {code}."]
 FILLER = ("form", "desk", "team")  # jargon shared by every chunk: words to match that say nothing
+# The demo's LoRA recipe, as overrides of configs/embed_demo.yaml (docs/embeddings.md has its numbers): r 16 on every
+# linear layer and on the word embeddings, whose rows for the jargon's sub-word pieces full fine-tuning also moves.
+LORA_OVERRIDES = ("method.name=lora", "method.r=16", "method.target_modules=[query,key,value,dense,word_embeddings]",
+                  "train.lr=1e-3")
 
 
 def jargon_words(count: int, rng: random.Random) -> list[str]:

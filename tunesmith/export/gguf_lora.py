@@ -41,6 +41,11 @@ def export_gguf_lora(adapter_dir: Path, base_config, out: Path, gguf_type: str =
         raise UserError(f"{adapter_dir}: {kind} adapters have no GGUF LoRA form (llama.cpp adds B A x only); "
                         "merge and export the whole model: tunesmith export --adapter DIR --format gguf.")
     tensors = read_safetensors(adapter_dir / WEIGHTS_NAME, "adapter weights")
+    embedded = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in tensors if ".lora_embedding_" in k})
+    if embedded:  # llama.cpp's LoRA adapts matrices of linear layers only; skipping these would lose them silently
+        raise UserError(f"{adapter_dir}: the adapter has LoRA on the embedding table {', '.join(embedded)}, which a "
+                        "GGUF LoRA file cannot hold; merge and export the whole model: tunesmith export --adapter DIR "
+                        "--format gguf.")
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     gguf_alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha  # llama.cpp scales by alpha / r
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, base_config.num_hidden_layers)
