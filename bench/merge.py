@@ -1,22 +1,25 @@
 """Peak memory and wall time of merging three models of the default size: tunesmith merge vs mergekit 0.1.5.
 
-    .venv-test/bin/python bench/merge.py [--methods linear,ties] [--keep DIR]
+    .venv-test/bin/python bench/merge.py [--methods linear,ties,dare_ties] [--tools tunesmith,mergekit] [--keep DIR]
 
 Makes three models from the default model (SmolLM2-135M-Instruct) in a temporary folder: the base
 itself (m0) and two copies perturbed with seeded noise (m1, m2; W + 1e-3 N(0, 1), generator seeded
 with i), written tensor by tensor. Each method's recipe merges the three (linear: the three
-weighted alike; ties: m1 and m2 on the base m0, density 0.5), once by `tunesmith merge` and once by
+weighted alike; ties and dare_ties: m1 and m2 on the base m0, density 0.5), once by `tunesmith merge` and once by
 mergekit's run_merge (mergekit is a test dependency: pip install 'tunesmith[test]'), each in its own
 child process (`bench/merge.py --child ...`). The child reads its own peak resident set, VmHWM in
 /proc/self/status, when its merge is done (wait4's ru_maxrss would include the parent's peak,
 inherited at fork), and its VmRSS before the merge (the interpreter, torch and the library
-imported); the merge's wall time is timed inside the child (imports excluded).
+imported); the merge's wall time is timed inside the child (imports excluded). tunesmith's child also
+reads the peak of each phase of the merge (merge_recipe's on_phase: inputs, merge, files, check), resetting
+VmHWM after each (writing 5 to /proc/self/clear_refs).
 
 Printed: a markdown table per method with each tool's peak RSS, that peak over one model's size
 (the default model's safetensors file), the RSS before merging, the wall time, and tunesmith's
 ratio to mergekit. The targets (docs/merging.md): tunesmith's peak at most 1.5x one model, and a wall
-time no longer than mergekit's. Both run tunesmith's own checks as the commands do (tunesmith
-reloads the merged folder once; mergekit does not), so tunesmith's peak includes one loaded model.
+time no longer than mergekit's. tunesmith's peak includes its check of the merged folder (streamed: one
+tensor at a time); mergekit checks nothing. `--tools tunesmith` measures tunesmith alone (re-measuring it
+after a change); `--keep DIR` keeps the models, and a later run with the same DIR reuses them.
 Linux only (/proc).
 """
 
@@ -36,6 +39,8 @@ RECIPES = {
                          "merge_method": "linear", "dtype": "float32"},
     "ties": lambda m: {"models": [{"model": m[i], "parameters": {"weight": 1.0, "density": 0.5}} for i in (1, 2)],
                        "base_model": m[0], "merge_method": "ties", "dtype": "float32"},
+    "dare_ties": lambda m: {"models": [{"model": m[i], "parameters": {"weight": 1.0, "density": 0.5}} for i in (1, 2)],
+                            "base_model": m[0], "merge_method": "dare_ties", "dtype": "float32"},
 }
 
 
@@ -52,11 +57,12 @@ def child(tool: str, recipe_path: str, out: str) -> None:
     import yaml
 
     tree = yaml.safe_load(Path(recipe_path).read_text())
+    phases: dict[str, int] = {}
     if tool == "tunesmith":
         from tunesmith.merge.config import parse_recipe
         from tunesmith.merge.run import merge_recipe
 
-        run = lambda: merge_recipe(parse_recipe(tree), out, seed=0)
+        run = lambda: merge_recipe(parse_recipe(tree), out, seed=0, on_phase=phase_recorder(phases))
     else:
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
@@ -68,11 +74,23 @@ def child(tool: str, recipe_path: str, out: str) -> None:
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rss_before_kb": before, "peak_kb": status_kb("VmHWM")}))
+    phases["end"] = status_kb("VmHWM")
+    print(json.dumps({"seconds": seconds, "rss_before_kb": before, "peak_kb": max(phases.values()),
+                      "phases_kb": phases}))
+
+
+def phase_recorder(phases: dict):
+    """on_phase for merge_recipe: the peak resident set since the previous phase ended, then the peak reset
+    (writing 5 to /proc/self/clear_refs sets VmHWM back to the current VmRSS, Linux 4.0+)."""
+    def on_phase(name: str) -> None:
+        phases[name] = status_kb("VmHWM")
+        Path("/proc/self/clear_refs").write_text("5")
+    return on_phase
 
 
 def make_models(root: Path) -> list[str]:
-    """m0: the default model's folder; m1, m2: seeded perturbations of it, written one tensor at a time."""
+    """m0: the default model's folder; m1, m2: seeded perturbations of it, written one tensor at a time (kept from
+    an earlier run in the same folder when their weights are there)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -84,7 +102,10 @@ def make_models(root: Path) -> list[str]:
     models = [str(base)]
     for i in (1, 2):
         folder = root / f"m{i}"
-        folder.mkdir()
+        models.append(str(folder))
+        if (folder / "model.safetensors").is_file():
+            continue
+        folder.mkdir(exist_ok=True)
         for f in base.iterdir():
             if f.suffix != ".safetensors":
                 shutil.copy(f, folder / f.name)
@@ -94,9 +115,9 @@ def make_models(root: Path) -> list[str]:
             for key in sorted(src.keys()):
                 v = src.get_tensor(key)
                 out[key] = (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype)
-        save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+        save_file(out, folder / "model.safetensors.partial", metadata={"format": "pt"})
+        (folder / "model.safetensors.partial").rename(folder / "model.safetensors")  # complete, or absent
         del out
-        models.append(str(folder))
     return models
 
 
@@ -119,6 +140,11 @@ def table(method: str, model_bytes: int, results: dict) -> str:
     for tool, r in results.items():
         lines.append(f"| {tool} | {mib(r['peak_kb'])} | {r['peak_kb'] * 1024 / model_bytes:.2f}x | "
                      f"{mib(r['rss_before_kb'])} | {r['seconds']:.1f} s | {r['process_seconds']:.1f} s |")
+    phases = results.get("tunesmith", {}).get("phases_kb", {})
+    if phases:
+        lines.append("tunesmith's peak per phase: " + ", ".join(f"{k} {mib(v)}" for k, v in phases.items()))
+    if set(results) != {"tunesmith", "mergekit"}:
+        return "\n".join(lines)
     ours, theirs = results["tunesmith"], results["mergekit"]
     lines.append(f"tunesmith / mergekit: peak RSS {ours['peak_kb'] / theirs['peak_kb']:.2f}x, merge wall time "
                  f"{ours['seconds'] / theirs['seconds']:.2f}x")
@@ -127,8 +153,9 @@ def table(method: str, model_bytes: int, results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="linear,ties", help="comma-separated: " + ", ".join(RECIPES))
-    parser.add_argument("--keep", help="make the models and outputs in this folder and keep them")
+    parser.add_argument("--methods", default="linear,ties,dare_ties", help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--tools", default="tunesmith,mergekit", help="comma-separated: tunesmith, mergekit")
+    parser.add_argument("--keep", help="make the models and outputs in this folder and keep them (reused when there)")
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "RECIPE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -139,6 +166,9 @@ def main() -> None:
     unknown = [m for m in methods if m not in RECIPES]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not tools or set(tools) - {"tunesmith", "mergekit"}:
+        parser.error(f"--tools {args.tools!r}: choose from tunesmith, mergekit")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="tunesmith-bench-merge-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -147,7 +177,7 @@ def main() -> None:
         for method in methods:
             recipe = root / f"{method}.yaml"
             recipe.write_text(yaml.safe_dump(RECIPES[method](models)))
-            results = {tool: measure(tool, recipe, root / f"{method}-{tool}") for tool in ("tunesmith", "mergekit")}
+            results = {tool: measure(tool, recipe, root / f"{method}-{tool}") for tool in tools}
             print(table(method, model_bytes, results), flush=True)
             for tool in results:
                 shutil.rmtree(root / f"{method}-{tool}", ignore_errors=True)

@@ -71,9 +71,14 @@ def check_saved_model(folder: str | Path, model, tokenizer=None, dtype: torch.dt
 
 def check_merged_folder(folder: str | Path, donor: str | Path, dtypes: dict[str, torch.dtype]) -> None:
     """A folder written without a model in memory (`tunesmith merge CONFIG.yaml`, streamed tensor by tensor):
-    reloaded, every weight present in the dtype planned (`dtypes`: name -> dtype), the tokenizer loads with the
-    donor's chat template, the embedding covers the vocabulary, and the model answers with finite logits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    every weight present in the dtype planned (`dtypes`: name -> dtype; read from the files' headers), the tokenizer
+    loads with the donor's chat template, the embedding covers the vocabulary, and the model answers with finite
+    logits. It is checked as it was written, without a whole model in memory: the model is built on the meta
+    device and run with each module's weights read from the files just before it runs and dropped after
+    (streamed_forward), so the peak is one tensor (the embedding), not a second copy of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.merge.tensors import ModelTensors
 
     folder, problems = Path(folder), []
     try:
@@ -84,24 +89,65 @@ def check_merged_folder(folder: str | Path, donor: str | Path, dtypes: dict[str,
     donor_template = getattr(AutoTokenizer.from_pretrained(donor), "chat_template", None)
     if tokenizer is not None and donor_template and not tokenizer.chat_template:
         problems.append("the chat template is missing")
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", output_loading_info=True)
-    if info["missing_keys"]:
-        problems.append(f"weights missing from the files: {', '.join(sorted(info['missing_keys'])[:5])}")
-    stored = model.state_dict()
-    problems += [f"{name} is stored as {stored[name].dtype}, not {want}" for name, want in dtypes.items()
-                 if name in stored and stored[name].dtype != want][:5]
+    files = ModelTensors(folder)
+    model = meta_model(AutoConfig.from_pretrained(folder), AutoModelForCausalLM)
+    missing = sorted(name for name in model.state_dict() if files.resolve(name) is None)
+    if missing:
+        problems.append(f"weights missing from the files: {', '.join(missing[:5])}")
+    problems += [f"{name} is stored as {files.info[name].dtype}, not {want}" for name, want in dtypes.items()
+                 if name in files.info and files.info[name].dtype != want][:5]
     rows = model.get_input_embeddings().weight.shape[0]
     if tokenizer is not None and len(tokenizer) > rows:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows")
     if tokenizer is not None and not problems:
-        with torch.no_grad():
-            ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
-            if not torch.isfinite(model(ids).logits).all():
-                problems.append("the logits of a prompt are not finite")
+        ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+        if not torch.isfinite(streamed_forward(model, files, ids)).all():
+            problems.append("the logits of a prompt are not finite")
     if problems:
         raise ArtifactCheckError(f"{folder} was written but does not reload as a usable model: "
                                  + "; ".join(problems) + ".")
     log.info("checked %s: reloads with every weight, its tokenizer and finite logits", folder)
+
+
+def meta_model(config, auto_class):
+    """The model of `config` with its parameters on the meta device (no memory) and its buffers real (rotary
+    frequencies are computed at construction, not stored)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config)
+    return model.eval()
+
+
+def streamed_forward(model, files, ids: torch.Tensor) -> torch.Tensor:
+    """model(ids).logits of a meta-device model whose weights are in `files` (a merge.tensors.ModelTensors): a
+    forward pre-hook on every module with weights of its own reads them (the head of a tied model: the
+    embeddings) and a forward hook puts them back on the meta device, so one module's weights are held at a time."""
+    by_module = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = {k: f"{prefix}.{k}" if prefix else k for k, p in module._parameters.items() if p is not None}
+        if own:
+            by_module[module] = own
+    # as from_pretrained(dtype="auto") loads it: every weight in the dtype of the stored embeddings
+    dtype = files.meta(next(n for n in by_module[model.get_input_embeddings()].values())).dtype
+
+    def load(module, args):
+        for key, name in by_module[module].items():
+            weight = files.get(name)
+            module._parameters[key] = torch.nn.Parameter(weight.to(dtype) if weight.is_floating_point() else weight,
+                                                         requires_grad=False)
+
+    def drop(module, args, output):
+        for key in by_module[module]:
+            module._parameters[key] = torch.nn.Parameter(module._parameters[key].to("meta"), requires_grad=False)
+
+    handles = [h for m in by_module for h in (m.register_forward_pre_hook(load), m.register_forward_hook(drop))]
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def weight_problems(model, reloaded, dtype: torch.dtype | None, quantized: bool) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.merge.registry import MergeMethod
-from tunesmith.merge.task_arithmetic import gta_params, rescaled, task_arithmetic_frame
+from tunesmith.merge.task_arithmetic import gta_params, mask_plan, rescaled, task_arithmetic_frame
 
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -44,6 +44,31 @@ def random_drop(delta: torch.Tensor, density: float, rescale: bool, variant: str
     return result.to(delta.dtype)
 
 
+def drop_plan(delta_rows, chunks, shape, params, shared):
+    """`drop` as a plan for task_arithmetic.frame_stream, bit for bit: the mask is drawn chunk by chunk (torch.bernoulli
+    on the CPU draws entry by entry from the generator, so the chunks draw what one call over the tensor would)
+    and kept as one byte an entry. A work dtype other than the tensor's (fp16) gives the whole sparsified tensor."""
+    density, rescale, variant = params["density"], shared["rescale"], shared["variant"]
+    if density >= 1:
+        return None
+    first = delta_rows(chunks[0])
+    dtype = work_dtype(first)
+    if dtype != first.dtype:
+        return random_drop(torch.cat([delta_rows(rows).reshape(-1) for rows in chunks]).reshape(shape), density,
+                           rescale, variant)
+    del first
+    draw = lambda d, a, b: torch.bernoulli(torch.full((b - a,), density, dtype=dtype, device=d.device))
+    if variant != "paper":
+        return mask_plan(delta_rows, chunks, shape, draw, rescale)
+    masked = mask_plan(delta_rows, chunks, shape, draw, rescale=False)
+
+    def apply(x, rows):  # kept / density
+        masked(x, rows)
+        if rescale and density > 0:
+            x.div_(density)
+    return apply
+
+
 def drop(delta, params, shared):
     return random_drop(delta, params["density"], shared["rescale"], shared["variant"])
 
@@ -58,9 +83,9 @@ def dare_ties(base, tensors, shared, per_model):
 
 DARE_LINEAR = MergeMethod(
     name="dare_linear", merge=dare_linear, base="required", random=True,
-    params=gta_params(normalize=False, rescale=True), paper="arXiv:2311.03099",
+    params=gta_params(normalize=False, rescale=True), paper="arXiv:2311.03099", sparsify_=drop_plan,
 )
 DARE_TIES = MergeMethod(
     name="dare_ties", merge=dare_ties, base="required", random=True,
-    params=gta_params(normalize=False, rescale=True), paper="arXiv:2311.03099",
+    params=gta_params(normalize=False, rescale=True), paper="arXiv:2311.03099", sparsify_=drop_plan, consensus=True,
 )

@@ -31,5 +31,5 @@ def linear(base, tensors: list[torch.Tensor], shared: dict, per_model: list[dict
 LINEAR = MergeMethod(
     name="linear", merge=linear, base="none",
     params={"weight": Param(float, per_model=True), "normalize": Param(bool, True)},
-    paper="arXiv:2203.05482",
+    paper="arXiv:2203.05482", elementwise=True,
 )

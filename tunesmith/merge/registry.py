@@ -36,6 +36,12 @@ class MergeMethod:
     max_inputs: int | None = None
     paper: str = ""
     random: bool = False  # draws from torch's RNG (seeded by --random-seed)
+    # How run.py streams a tensor (docs/merging.md, Memory): elementwise methods merge row chunks of the inputs
+    # as they are (each output row depends on the same rows only); a task-arithmetic-frame method with an
+    # in-place sparsifier sparsify_(delta, params, shared) runs task_arithmetic.frame_stream; others get whole tensors.
+    elementwise: bool = False
+    sparsify_: Callable | None = None
+    consensus: bool = False  # with sparsify_: TIES' sign election
 
     def shared(self) -> dict[str, Param]:
         return {k: p for k, p in self.params.items() if not p.per_model}

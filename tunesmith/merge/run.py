@@ -8,7 +8,8 @@
 
 Tensors go in sorted name order, models in recipe order (the base appended when not listed),
 which is the order mergekit's scheduler runs them in: the random methods then draw the same
-masks under the same --random-seed. Peak memory is one tensor per input plus the result.
+masks under the same --random-seed. Peak memory (docs/merging.md, Memory): a row chunk per input plus the
+result for elementwise methods; the task vectors of one tensor for TIES and DARE; else one tensor per input.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tunesmith.errors import UserError
 from tunesmith.merge.config import InputModel, Recipe, evaluate_setting, layer_position, read_recipe
 from tunesmith.merge.registry import REQUIRED, MergeMethod, get_merge_method
-from tunesmith.merge.tensors import TIED_HEAD, ModelTensors, ShardWriter, layer_index
+from tunesmith.merge.tensors import (TIED_HEAD, ModelTensors, ShardWriter, layer_index, release_freed_memory,
+                                     row_chunks)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,10 @@ def run_merge_file(config_path: str, out_dir: str, seed: int | None = 0, max_sha
 
 
 def merge_recipe(recipe: Recipe, out_dir: str | Path, seed: int | None = 0, max_shard_bytes: int = 5 * 2**30,
-                 where: str = "the merge config") -> dict:
+                 where: str = "the merge config", on_phase: Callable[[str], None] | None = None) -> dict:
+    """Merge `recipe` into out_dir. on_phase(name), when given, is called as each phase ends ("inputs", "merge",
+    "files", "check"): bench/merge.py reads the peak resident set of each phase there."""
+    phase = on_phase or (lambda name: None)
     from tunesmith.merge.inputs import resolve_reference, same_reference
 
     if recipe.output == "adapter":
@@ -57,20 +63,26 @@ def merge_recipe(recipe: Recipe, out_dir: str | Path, seed: int | None = 0, max_
         folders = [resolve_reference(e.model, Path(scratch)) for e in entries]
         readers = [ModelTensors(f) for f in folders]
         plan, untie = plan_tensors(readers, donor, recipe)
+        phase("inputs")
         out = Path(out_dir)
         writer = ShardWriter(out, [(n, d, s) for n, d, s in plan], max_shard_bytes)
         if seed is not None:
             torch.manual_seed(seed)  # after loading: folding an adapter may draw from the RNG
         num_layers = readers[donor].num_layers()
         for name, out_dtype, _ in plan:
-            writer.add(name, merge_tensor(name, readers, entries, base_index, donor, method, recipe,
-                                          layer_position(layer_index(name), num_layers)).to(out_dtype))
+            t = layer_position(layer_index(name), num_layers)
+            writer.add_rows(name, (x.to(out_dtype) for x in merge_rows(name, readers, entries, base_index, donor,
+                                                                        method, recipe, t)))
         files = writer.close()
+        release_freed_memory()  # what the merge loop freed, before the check builds its model
+        phase("merge")
         write_config(readers[donor], out, recipe, untie)
         write_tokenizer(recipe, entries, folders, donor, out, scratch, where)
+        phase("files")
         from tunesmith.export.check import check_merged_folder
 
         check_merged_folder(out, folders[donor], {name: dtype for name, dtype, _ in plan})
+        phase("check")
     write_record(recipe, out, seed)
     summary = {"method": method.name, "inputs": [e.model for e in entries], "tensors": len(plan), "files": files,
                "out": str(out), "seconds": round(time.perf_counter() - start, 2)}
@@ -136,31 +148,47 @@ def resolve_parameter(method: MergeMethod, key: str, sources: list, name: str, t
     return value
 
 
-def merge_tensor(name: str, readers: list[ModelTensors], entries: list[InputModel], base_index: int | None,
-                 donor: int, method: MergeMethod, recipe: Recipe, t: float) -> torch.Tensor:
-    """One output tensor: read it from every input (in recipe.dtype, else the promoted dtype) and merge it."""
-    tensors = [r.get(name) for r in readers]
-    if not tensors[donor].is_floating_point():
-        return tensors[donor]  # integer buffers are copied, not averaged
-    shapes = {tuple(x.shape) for x in tensors}
+def merge_rows(name: str, readers: list[ModelTensors], entries: list[InputModel], base_index: int | None,
+               donor: int, method: MergeMethod, recipe: Recipe, t: float):
+    """One output tensor, yielded as row chunks in order: read from every input (in recipe.dtype, else the promoted
+    dtype) and merged. Elementwise methods read and merge a row chunk of each input at a time; methods with an
+    in-place sparsifier hold their task vectors (task_arithmetic.frame_stream); the others whole tensors."""
+    metas = [r.meta(name) for r in readers]
+    if not metas[donor].dtype.is_floating_point:
+        yield readers[donor].get(name)  # integer buffers are copied, not averaged
+        return
+    shapes = {tuple(m.shape) for m in metas}
     if len(shapes) > 1:
         raise UserError(f"Tensor {name} has different shapes in the inputs "
-                        f"({', '.join(f'{e.model}: {tuple(x.shape)}' for e, x in zip(entries, tensors))}); merged "
+                        f"({', '.join(f'{e.model}: {tuple(m.shape)}' for e, m in zip(entries, metas))}); merged "
                         "models must share their architecture and vocabulary.")
     if recipe.dtype is not None:
         dtype = getattr(torch, recipe.dtype)
     else:
-        dtype = tensors[0].dtype
-        for x in tensors[1:]:
-            dtype = torch.promote_types(dtype, x.dtype)
-    tensors = [x.to(dtype) for x in tensors]
+        dtype = metas[0].dtype
+        for m in metas[1:]:
+            dtype = torch.promote_types(dtype, m.dtype)
     shared = {k: resolve_parameter(method, k, [recipe.parameters], name, t, "the merge")
               for k in method.shared()}
     others = [i for i in range(len(entries)) if i != base_index]
     per_model = [{k: resolve_parameter(method, k, [entries[i].parameters, recipe.parameters], name, t, entries[i].model)
                   for k in method.per_model()} for i in others]
-    base = tensors[base_index] if base_index is not None else None
-    return method.merge(base, [tensors[i] for i in others], shared, per_model)
+    read = lambda i: lambda rows: readers[i].get(name, rows).to(dtype)
+    shape = metas[donor].shape
+    chunks = row_chunks(shape, torch.empty((), dtype=dtype).element_size())
+    if method.elementwise or (method.sparsify_ is not None and base_index is not None and others):
+        if not method.elementwise:
+            from tunesmith.merge.task_arithmetic import frame_stream
+
+            yield from frame_stream(read(base_index), [read(i) for i in others], shape, dtype, chunks, shared,
+                                    per_model, method.sparsify_, method.consensus)
+            return
+        for rows in chunks:
+            base = read(base_index)(rows) if base_index is not None else None
+            yield method.merge(base, [read(i)(rows) for i in others], shared, per_model)
+        return
+    base = read(base_index)(None) if base_index is not None else None
+    yield method.merge(base, [read(i)(None) for i in others], shared, per_model)
 
 
 def plan_tensors(readers: list[ModelTensors], donor: int, recipe: Recipe):

@@ -24,7 +24,8 @@ models in recipe order), as mergekit does under --random-seed.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,6 +43,14 @@ def task_arithmetic_frame(base: torch.Tensor, tensors: list[torch.Tensor], share
     for i, (tensor, params) in enumerate(zip(tensors, per_model)):
         delta = tensor - base
         deltas[i] = sparsify(delta, params, shared) if sparsify is not None else delta
+    return combine(base, deltas, shared, per_model, consensus)
+
+
+def combine(base: torch.Tensor, deltas: torch.Tensor, shared: dict, per_model: list[dict],
+            consensus: bool) -> torch.Tensor:
+    """Steps 2-5 on the (sparsified) task vectors deltas (models, *shape), weighted in place. Every step is
+    elementwise over the positions (sums run over the models only), so rows of base and deltas give those rows
+    of the merge, bit for bit: frame_stream merges a tensor chunk by chunk with it."""
     weights = torch.tensor([p["weight"] for p in per_model], dtype=deltas.dtype, device=deltas.device)
     while weights.dim() < deltas.dim():
         weights.unsqueeze_(-1)  # (models, 1, ..., 1)
@@ -60,6 +69,76 @@ def task_arithmetic_frame(base: torch.Tensor, tensors: list[torch.Tensor], share
     if shared["lambda"] != 1:
         mixed *= shared["lambda"]
     return (base + mixed).to(base.dtype)
+
+
+def frame_stream(read_base: Callable, reads: list[Callable], shape: tuple, dtype: torch.dtype,
+                 chunks: list, shared: dict, per_model: list[dict], sparsify_: Callable | None,
+                 consensus: bool) -> Iterator[torch.Tensor]:
+    """task_arithmetic_frame over row chunks, equal to it bit for bit, yielding the merged rows in order.
+
+    read_base(rows) and reads[i](rows) give those rows of the base and of input i in the work dtype; the task
+    vector's rows are read - read_base, recomputed from the files whenever needed. sparsify_(delta_rows, chunks,
+    shape, params, shared) looks at the whole task vector (TIES' top-k, DARE's L1 norms are per tensor) and
+    returns how to sparsify any rows of it: fn(rows_tensor, rows) in place (a kept-entry mask of one byte an
+    entry and a scale: what is held per model), a whole sparsified tensor, or None (unchanged). Then steps 2-5
+    (`combine`, elementwise) run chunk by chunk."""
+    delta_rows = lambda read: lambda rows: read(rows) - read_base(rows)
+    plans = [sparsify_(delta_rows(read), chunks, shape, params, shared) if sparsify_ is not None else None
+             for read, params in zip(reads, per_model)]  # in model order: the random masks draw in mergekit's order
+    for rows in chunks:
+        base = read_base(rows)
+        deltas = torch.empty((len(reads), *base.shape), dtype=dtype)  # (models, *rows)
+        for i, (read, plan) in enumerate(zip(reads, plans)):
+            if isinstance(plan, torch.Tensor):
+                deltas[i] = plan if rows is None else plan[rows]
+                continue
+            torch.sub(read(rows), base, out=deltas[i])
+            if plan is not None:
+                plan(deltas[i], rows)
+        yield combine(base, deltas, shared, per_model, consensus)
+
+
+def flat_span(rows: slice | None, shape: tuple) -> tuple[int, int]:
+    """The flat entries [a, b) of a contiguous tensor of `shape` that rows (a row_chunks slice) cover."""
+    if rows is None:
+        return 0, math.prod(shape)
+    row = math.prod(shape[1:])
+    return rows.start * row, rows.stop * row
+
+
+def mask_plan(delta_rows: Callable, chunks: list, shape: tuple, mask_of: Callable, rescale: bool,
+              eps: float = 1e-7) -> Callable:
+    """`rescaled(delta, mask, rescale)` as a plan for frame_stream, bit for bit, holding a one-byte mask and a
+    scale: mask_of(delta_rows, a, b) gives the mask (0/1 in delta's dtype) of the flat entries [a, b), called
+    once per chunk in order (a random mask draws as one call over the tensor would). The L1 norms are summed
+    over the whole tensors, as `rescaled` sums them."""
+    whole = None
+    if rescale:
+        whole = torch.empty(shape, dtype=delta_rows(chunks[0]).dtype)
+        for rows in chunks:
+            torch.abs(delta_rows(rows), out=whole if rows is None else whole[rows])
+        before = whole.sum()  # = delta.abs().sum()
+    mask = torch.empty(math.prod(shape), dtype=torch.bool)
+    for rows in chunks:
+        delta = delta_rows(rows)
+        a, b = flat_span(rows, shape)
+        m = mask_of(delta, a, b)
+        mask[a:b] = m.reshape(-1).bool()
+        if whole is not None:
+            torch.mul(delta, m.reshape(delta.shape), out=whole if rows is None else whole[rows])
+    scale = None
+    if rescale:
+        after = whole.abs_().sum()  # = masked.abs().sum()
+        del whole
+        if not (before < eps or after < eps):
+            scale = before / after
+
+    def apply(x: torch.Tensor, rows) -> None:
+        a, b = flat_span(rows, shape)
+        x.mul_(mask[a:b].view(x.shape).to(x.dtype))
+        if scale is not None:
+            x.mul_(scale)
+    return apply
 
 
 def sign_agreement(deltas: torch.Tensor) -> torch.Tensor:
@@ -102,5 +181,5 @@ def task_arithmetic(base, tensors, shared, per_model):
 
 TASK_ARITHMETIC = MergeMethod(
     name="task_arithmetic", merge=task_arithmetic, base="required",
-    params=gta_params(normalize=False, rescale=False), paper="arXiv:2212.04089",
+    params=gta_params(normalize=False, rescale=False), paper="arXiv:2212.04089", elementwise=True,
 )

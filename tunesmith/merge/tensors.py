@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O: a merge holds one tensor of each input, and one output tensor, at a time.
+"""Streaming safetensors I/O: a merge holds a row chunk of each input, or one tensor, and its result at a time.
 
 A safetensors file is an 8-byte little-endian header length n, n bytes of JSON
 ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}) and the data,
@@ -29,6 +29,19 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 CODES = {v: k for k, v in DTYPES.items()}
+CHUNK_BYTES = 16 * 2**20  # a streamed merge reads and writes a tensor in row chunks of about this size
+READ_HOOK = None  # tests: called as READ_HOOK(name, nbytes) on every read, to see what a merge holds
+_LIBC = None  # release_freed_memory: the C library once looked up; False where it has no malloc_trim
+
+
+def row_chunks(shape: tuple, itemsize: int, chunk_bytes: int | None = None) -> list[slice | None]:
+    """Slices of dim 0 that cover a tensor of `shape` in order, each about chunk_bytes (CHUNK_BYTES) and at least
+    one row; [None] (the whole tensor) for a 0-d one."""
+    if not shape:
+        return [None]
+    row = max(1, math.prod(shape[1:]) * itemsize)
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // row)
+    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [slice(0, 0)]
 
 
 class TensorInfo:
@@ -89,16 +102,24 @@ class ModelTensors:
                             "their architecture and tensor names.")
         return self.info[stored]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, or only its rows `rows` (a slice of dim 0 with a step of 1, as row_chunks gives)."""
         info = self.meta(name)
-        size = info.end - info.begin
+        begin, size, shape = info.begin, info.end - info.begin, info.shape
+        if rows is not None and shape:
+            row_bytes = size // shape[0] if shape[0] else 0
+            start, stop, _ = rows.indices(shape[0])
+            begin, size, shape = begin + start * row_bytes, max(0, stop - start) * row_bytes, (max(0, stop - start),
+                                                                                             *shape[1:])
+        if READ_HOOK is not None:
+            READ_HOOK(name, size)
         if size == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(shape, dtype=info.dtype)
         buf = bytearray(size)
         with open(info.path, "rb") as f:
-            f.seek(info.begin)
+            f.seek(begin)
             f.readinto(buf)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
     def num_layers(self) -> int:
         layers = self.config.get("num_hidden_layers")
@@ -148,15 +169,28 @@ class ShardWriter:
         self.shard, self.handle = -1, None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_rows(name, [tensor])
+
+    def add_rows(self, name: str, chunks) -> None:
+        """Append the planned tensor `name` from its row chunks (dim 0, in order; one chunk: the whole tensor),
+        each written as it comes, so only one chunk is held."""
         expected, dtype, shape = self.plan[self.position]
-        if name != expected or tuple(tensor.shape) != tuple(shape):
-            raise RuntimeError(f"merge wrote {name} {tuple(tensor.shape)} where the plan has {expected} {shape}")
+        if name != expected:
+            raise RuntimeError(f"merge wrote {name} where the plan has {expected}")
         shard = self._shard_of(self.position)
         if shard != self.shard:
             self._open(shard)
-        data = tensor.detach().to(dtype).contiguous().cpu()
-        if data.numel():
-            self.handle.write(data.reshape(-1).view(torch.uint8).numpy())
+        rows = 0
+        for tensor in chunks:
+            if tuple(tensor.shape[1:]) != tuple(shape[1:]) or (not shape and tensor.dim()):
+                raise RuntimeError(f"merge wrote {name} rows {tuple(tensor.shape)} where the plan has {shape}")
+            rows += tensor.shape[0] if shape else 1
+            data = tensor.detach().to(dtype).contiguous().cpu()
+            if data.numel():
+                self.handle.write(data.reshape(-1).view(torch.uint8).numpy())
+            del tensor, data
+        if rows != (shape[0] if shape else 1):
+            raise RuntimeError(f"merge wrote {rows} rows of {name} where the plan has {shape}")
         self.position += 1
 
     def _shard_of(self, position: int) -> int:
@@ -192,6 +226,25 @@ class ShardWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return self.files
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing). The row chunks
+    (16 MiB: under glibc's mmap threshold once it has grown) come from the heap, and freed chunks stay resident
+    there; a merge calls this before it allocates a full-size buffer (TIES' sort) and after the merge loop, so
+    that what it freed is not counted twice in its peak."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # absent outside glibc (macOS, musl)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
