@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_avail
                                  reason="torch.distributed with the gloo backend is not available"),
               pytest.mark.slow]  # ~35 s a case on 2 shared cores: two CLI runs, one under torchrun
 
-STEPS, TOLERANCE = 4, 1e-5
+# Largest weight difference measured: bnpo 6.8e-6 on an Intel Xeon, 3.0e-5 on an AMD EPYC; PPO 1.4e-6. Sums over
+# processes add in another order, and four Adam steps at lr 0.05 grow the last bits; the metrics stay within 1e-4.
+STEPS, TOLERANCE = 4, 1e-4
 COMPARED = {"grpo": ("reward", "reward_std", "frac_reward_zero_std", "completion_length", "clip_low", "entropy",
                      "policy_loss"),
             "ppo": ("score", "kl", "completion_length", "policy_loss", "value_loss", "entropy")}
