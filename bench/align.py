@@ -51,14 +51,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # run as a script: its neighbours import by name
+from child import cpu_name, print_result, rss_mib, run_child, step_clock, verdict  # noqa: E402
 RUNS = ["tunesmith-dpo", "trl-dpo", "tunesmith-dpo-pre", "tunesmith-orpo"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -67,14 +67,6 @@ LOSS_TOL, SPEED_TARGET, MEMORY_TARGET, PRE_VS_ORPO_TARGET = 1e-3, 1.5, 0.6, 1.15
 
 
 # ---------------------------------------------------------------- shared by the parent and the workers
-
-def rss_mib() -> float:
-    """Resident memory now."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def peak_rss_mib() -> float:
     """The process's peak resident memory (Linux reports ru_maxrss in KiB)."""
@@ -193,24 +185,11 @@ def run_trl(work: Path, steps: int, tokenize_in_trl: bool) -> dict:
     import torch
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from tunesmith.config import ModelConfig
     from tunesmith.models.loading import load_model_and_tokenizer
     from tunesmith.train.threads import set_cpu_threads
-
-    class Clock(TrainerCallback):
-        """perf_counter at the start of training and at the end of every optimizer step."""
-
-        def __init__(self):
-            self.times = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.times = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
 
     class PreTokenized(DPOTrainer):
         """Takes the rows' prompt_ids, chosen_ids and rejected_ids as they are (tunesmith's tokens)."""
@@ -231,7 +210,7 @@ def run_trl(work: Path, steps: int, tokenize_in_trl: bool) -> dict:
                      logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
-    clock = Clock()
+    clock = step_clock()
     trainer = (DPOTrainer if tokenize_in_trl else PreTokenized)(
         model=model, args=args, train_dataset=trl_dataset(work, tokenizer, tokenize_in_trl),
         processing_class=tokenizer, peft_config=peft_config, callbacks=[clock])
@@ -262,14 +241,8 @@ def worker(name: str, work: Path, steps: int, tokenize_in_trl: bool) -> dict:
 # ---------------------------------------------------------------- the parent: runs and the table
 
 def run_worker(name: str, work: Path, steps: int, tokenize_in_trl: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--steps", str(steps)]
-    cmd += ["--trl-tokenize"] if tokenize_in_trl else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(line[len("RESULT "):])
+    args = ["--worker", name, "--work", str(work), "--steps", str(steps)] + (["--trl-tokenize"] if tokenize_in_trl else [])
+    return run_child(__file__, args, name, ROOT)
 
 
 def summarise(r: dict) -> dict:
@@ -277,10 +250,6 @@ def summarise(r: dict) -> dict:
     seconds, tokens = sum(r["step_s"][1:]), sum(r["step_tokens"][1:])
     n = max(1, len(r["step_s"]) - 1)
     return dict(r, s_per_step=seconds / n, tokens_per_s=tokens / seconds if seconds else float("nan"))
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def report(results: dict[str, dict]) -> tuple[str, dict]:
@@ -322,14 +291,6 @@ def report(results: dict[str, dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", checks
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
@@ -348,7 +309,7 @@ def main() -> None:
     if args.gradient_checkpointing:
         os.environ["BENCH_ALIGN_CHECKPOINTING"] = "1"  # the workers inherit it
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.work, args.steps, args.trl_tokenize)), flush=True)
+        print_result(worker(args.worker, args.work, args.steps, args.trl_tokenize))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     info = prepare(args.work, args.steps)

@@ -44,13 +44,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # run as a script: its neighbours import by name
+from child import cpu_name, print_result, rss_mib, run_child, step_clock, verdict  # noqa: E402
 sys.path.insert(0, str(ROOT))  # the workers import tunesmith from this checkout
 RUNS = ["tunesmith-grpo", "trl-grpo", "tunesmith-sft"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,13 +64,6 @@ SPEED_TARGET, MEMORY_TARGET = 2.0, 1.3
 
 
 # ---------------------------------------------------------------- shared by the parent and the workers
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def memory_now(device: str) -> float:
     """MiB in use: CUDA's allocated memory, else the process's RSS."""
@@ -277,25 +270,12 @@ def run_trl(work: Path, s: dict) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from tunesmith.config import ModelConfig
     from tunesmith.models.loading import load_model_and_tokenizer
     from tunesmith.rl.rewards import BUILT_INS
     from tunesmith.train.threads import set_cpu_threads
-
-    class Clock(TrainerCallback):
-        """perf_counter at the start of training and at the end of every optimizer step."""
-
-        def __init__(self):
-            self.times = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.times = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
 
     if s["device"] == "cpu":
         set_cpu_threads(0)  # the threads tunesmith would use here
@@ -313,7 +293,7 @@ def run_trl(work: Path, s: dict) -> dict:
                       save_strategy="no", report_to="none", disable_tqdm=True)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
-    clock = Clock()
+    clock = step_clock()
     trainer = GRPOTrainer(model=model, reward_funcs=[BUILT_INS[REWARD]], args=args,
                           train_dataset=Dataset.from_list(rows_in_order(work)), processing_class=tokenizer,
                           peft_config=peft_config, callbacks=[clock])
@@ -353,13 +333,8 @@ def worker(name: str, work: Path, skip_flat: bool) -> dict:
 # ---------------------------------------------------------------- the parent: runs and the table
 
 def run_worker(name: str, work: Path, skip_flat: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work)] + (["--skip-flat"] if skip_flat else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(line[len("RESULT "):])
+    args = ["--worker", name, "--work", str(work)] + (["--skip-flat"] if skip_flat else [])
+    return run_child(__file__, args, name, ROOT)
 
 
 def summarise(r: dict) -> dict:
@@ -372,10 +347,6 @@ def summarise(r: dict) -> dict:
         out.update(gen_s_per_step=sum(gen_s) / len(gen_s), gen_tokens_per_step=sum(gen_tokens) / len(gen_tokens),
                    gen_tokens_per_s=sum(gen_tokens) / sum(gen_s), step_gen_tokens_per_s=sum(gen_tokens) / sum(steps))
     return out
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def fmt(value, spec: str) -> str:
@@ -420,14 +391,6 @@ def report(results: dict[str, dict], device: str) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", checks
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer random model and a few short steps")
@@ -446,7 +409,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.work, args.skip_flat)), flush=True)
+        print_result(worker(args.worker, args.work, args.skip_flat))
         return
     s = dict(TINY if args.tiny else FULL, tiny=args.tiny, device=args.device)
     for key in ("steps", "prompts", "generations", "max_new_tokens"):
