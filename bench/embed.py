@@ -6,8 +6,8 @@ Both fine-tune the same base encoder (the built-in all-MiniLM-L6-v2, or --model)
 the demo corpus (tunesmith/embed/demo.py, seed 0) with the same batch size, steps, peak learning rate, warmup,
 cosine decay, AdamW and gradient clipping at 1, and are scored by the same code (tunesmith's metrics: equal to
 InformationRetrievalEvaluator) on the held-out questions against the whole corpus. tunesmith runs as `embed
-train` does, with its same-document masking and without a validation split (so both train on every pair and end
-at the last step). sentence-transformers runs SentenceTransformerTrainer with its default shuffled batch sampler.
+train` does, without a validation split (so both train on every pair and end at the last step) and, unless
+--mask-same-document, without its same-document masking: the same loss as MNRL. sentence-transformers runs SentenceTransformerTrainer with its default shuffled batch sampler.
 Reported: the training wall time of each (the trainer's own train() call; tunesmith's loop), their ratio, and
 MRR@10 / NDCG@10 / hit rate@5 of both. sentence-transformers and datasets come with the `test` extra.
 """
@@ -28,7 +28,8 @@ def run_tunesmith(args, paths, out: Path) -> tuple[float, dict]:
         f"model.name_or_path={args.model}", f"data.train={paths['train']}", f"data.test={paths['beir']}",
         "data.val_split=0", f"method.name={args.method}", f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}",
-        "train.schedule=cosine", f"train.threads={args.threads}", "eval.bootstrap=0", f"output.dir={out}"])
+        "train.schedule=cosine", f"train.threads={args.threads}", "eval.bootstrap=0", f"output.dir={out}",
+        f"objective.mask_same_document={str(args.mask_same_document).lower()}"])
     summary = train_embedder(cfg)
     return summary["train_seconds"], {k: v["value"] for k, v in summary["evaluation"]["full"]["after"].items()}
 
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for both (0: tunesmith's choice)")
+    parser.add_argument("--mask-same-document", action="store_true",
+                        help="tunesmith masks a query's other same-document passages out of its negatives (embed "
+                        "train's default); off by default here, so both sides compute plain MNRL")
     parser.add_argument("--out", default="runs/bench-embed")
     args = parser.parse_args()
 
@@ -96,6 +100,7 @@ def main() -> None:
     st_seconds, st_scores = run_sentence_transformers(args, paths, out / "sentence-transformers")
     ts_seconds, ts_scores = run_tunesmith(args, paths, out / "tunesmith")
     result = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "method": args.method,
+              "mask_same_document": args.mask_same_document,
               "threads": torch.get_num_threads(),
               "tunesmith": {"train_seconds": round(ts_seconds, 2), **{k: round(ts_scores[k], 4) for k in
                                                                      ("mrr@10", "ndcg@10", "accuracy@5")}},
