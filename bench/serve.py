@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.serve.compute import ComputeThread
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,17 +78,27 @@ def make_adapters(model_folder: str, n: int, work: Path) -> list[Path]:
     return folders
 
 
-def build_engine(model, tok, folders, batch: int, static: bool = False):
+def build_engine(compute, model, tok, folders, batch: int, static: bool = False):
+    """A started BatchingEngine over the adapters, built on (and running on) the compute thread."""
     from tunesmith.serve.adapters import AdapterRegistry
     from tunesmith.serve.batching import BatchingEngine
 
-    registry = AdapterRegistry(model, "base", max_loaded=len(folders) + 1)
-    for i, folder in enumerate(folders):
-        registry.load(f"a{i}", str(folder))
-    engine = BatchingEngine(model, tok, registry, max_queue=10_000, max_batch_size=batch, static=static)
+    def build():
+        registry = AdapterRegistry(model, "base", max_loaded=len(folders) + 1)
+        for i, folder in enumerate(folders):
+            registry.load(f"a{i}", str(folder))
+        return BatchingEngine(model, tok, registry, max_queue=10_000, max_batch_size=batch, static=static,
+                              compute=compute)
+
+    engine = compute.call(build)
     engine.eos_ids = set()  # fixed output lengths
     engine.start()
     return engine
+
+
+def close_engine(engine) -> None:
+    engine.close()
+    engine.call(engine.mixer.remove)  # the plain base again, for the next registry
 
 
 def requests(args, adapters: list[str | None], n: int):
@@ -167,21 +179,24 @@ def main() -> None:
         args.requests, args.prompt_len, args.output_len = min(args.requests, 16), 16, 8
         args.poisson_requests, args.rate = min(args.poisson_requests, 16), 200.0
     torch.manual_seed(0)
+    # every tensor operation on one thread, as tunesmith serve does (tunesmith/serve/compute.py says why)
+    compute = ComputeThread()
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-serve-") as work:
         args.work = work
-        model, tok, name = load_base(args)
+        model, tok, name = compute.call(load_base, args)
         args.vocab = min(len(tok), model.config.vocab_size)
-        folders = make_adapters(name, 16, Path(work))
-        results = run(args, model, tok, name, folders)
+        folders = compute.call(make_adapters, name, 16, Path(work))
+        results = run(args, compute, model, tok, name, folders)
+    compute.close()
     print(table(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
 
-def run(args, model, tok, name, folders) -> dict:
+def run(args, compute, model, tok, name, folders) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    engine = build_engine(model, tok, folders, batch=args.requests)
+    compute.call(model.to, device)
+    engine = build_engine(compute, model, tok, folders, batch=args.requests)
     results: dict = {"device": device, "requests": args.requests, "prompt_len": args.prompt_len,
                      "output_len": args.output_len}
     try:
@@ -198,33 +213,31 @@ def run(args, model, tok, name, folders) -> dict:
                 wall, tokens = wall + w, tokens + t
             results[f"per-adapter-{n}"] = tokens / wall
     finally:
-        engine.close()
-        engine.mixer.remove()  # the plain base again, for the next registry
-    results["poisson"] = poisson(args, model, tok, folders)
+        close_engine(engine)
+    results["poisson"] = poisson(args, compute, model, tok, folders)
     if not args.no_peft:
-        model.cpu()
+        compute.call(model.cpu)
         try:
             for n in (4, 16):
-                results[f"peft-{n}"] = peft_tokens_per_s(args, name, folders[:n],
-                                                         requests(args, [f"a{i}" for i in range(n)], args.requests))
+                results[f"peft-{n}"] = compute.call(peft_tokens_per_s, args, name, folders[:n],
+                                                    requests(args, [f"a{i}" for i in range(n)], args.requests))
         except ImportError:
             print("peft is not installed: its rows are left out", file=sys.stderr)
     return results
 
 
-def poisson(args, model, tok, folders) -> dict:
+def poisson(args, compute, model, tok, folders) -> dict:
     """Continuous against static batching under the same Poisson arrivals over 16 adapters."""
     gaps = torch.distributions.Exponential(args.rate).sample((args.poisson_requests,)).tolist()
     out = {}
     for label, static in (("continuous", False), ("static", True)):
         # a fresh registry per run: the model's adapters are laid over again (mixed.py)
-        engine = build_engine(model, tok, folders, batch=args.requests, static=static)
+        engine = build_engine(compute, model, tok, folders, batch=args.requests, static=static)
         try:
             wall, ttft, tokens = serve(engine, requests(args, [f"a{i}" for i in range(16)], args.poisson_requests),
                                        gaps)
         finally:
-            engine.close()
-            engine.mixer.remove()
+            close_engine(engine)
         out[label] = {"tokens_per_s": tokens / wall, "ttft_p50": percentile(ttft, 0.5),
                       "ttft_p95": percentile(ttft, 0.95)}
     return out

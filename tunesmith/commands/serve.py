@@ -93,11 +93,26 @@ def check_options(o: ServeConfig) -> tuple[dict[str, str], str | None]:
 
 
 def build_server(o: ServeConfig, adapters: dict[str, str], key: str | None):
-    """(app, engine): the base loaded, the adapters on it, the engine's worker started."""
+    """(app, engine): the base loaded, the adapters on it, the engine's worker started; all of it on the
+    engine's compute thread, the one thread of the server that computes (serve/compute.py says why)."""
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.compute import ComputeThread
+
+    compute = ComputeThread()
+    try:
+        engine, base_name = compute.call(_load_engine, o, adapters, compute)
+    except BaseException:
+        compute.close()
+        raise
+    engine.start()
+    return create_app(engine, engine.registry, base_name, o.base, key), engine
+
+
+def _load_engine(o: ServeConfig, adapters: dict[str, str], compute):
+    """(engine, base name), built on the compute thread."""
     from tunesmith.config import ModelConfig
     from tunesmith.models.loading import load_model_and_tokenizer
     from tunesmith.serve.adapters import AdapterRegistry
-    from tunesmith.serve.app import create_app
     from tunesmith.serve.engine import SerialEngine
     from tunesmith.serve.errors import ServeError
 
@@ -113,13 +128,11 @@ def build_server(o: ServeConfig, adapters: dict[str, str], key: str | None):
         log.info("adapter %s: %s from %s, %s parameters (%.1f MB)", name, adapter.method, path,
                  f"{adapter.parameters:,}", adapter.bytes / 1e6)
     if o.engine == "serial":
-        engine = SerialEngine(model, tokenizer, registry, o.max_queue)
-    else:
-        from tunesmith.serve.batching import BatchingEngine
+        return SerialEngine(model, tokenizer, registry, o.max_queue, compute=compute), base_name
+    from tunesmith.serve.batching import BatchingEngine
 
-        engine = BatchingEngine(model, tokenizer, registry, o.max_queue, o.max_batch_size, o.prefill_chunk)
-    engine.start()
-    return create_app(engine, registry, base_name, o.base, key), engine
+    return BatchingEngine(model, tokenizer, registry, o.max_queue, o.max_batch_size, o.prefill_chunk,
+                          compute=compute), base_name
 
 
 def serve(o: ServeConfig) -> None:
@@ -136,3 +149,4 @@ def serve(o: ServeConfig) -> None:
         uvicorn.run(app, host=o.host, port=o.port, log_level="info")
     finally:
         engine.close()
+        engine.compute.close()

@@ -157,14 +157,14 @@ def create_app(engine, registry, base_name: str, base_path: str | None = None, a
     @router.post("/v1/adapters")
     async def load_adapter(request: Request):
         body = await read_body(request, p.AdapterLoad)
-        adapter, evicted = await asyncio.to_thread(registry.load, body.name, body.path)
+        adapter, evicted = await asyncio.to_thread(engine.call, registry.load, body.name, body.path)
         log.info("loaded adapter %s from %s (%s, %.1f MB)%s", adapter.name, adapter.path, adapter.method,
                  adapter.bytes / 1e6, f"; evicted {', '.join(evicted)}" if evicted else "")
         return {"object": "adapter", **adapter.describe(), "parent": base_name, "evicted": evicted}
 
     @router.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
-        adapter = await asyncio.to_thread(registry.unload, name)
+        adapter = await asyncio.to_thread(engine.call, registry.unload, name)
         log.info("unloaded adapter %s", name)
         return {"object": "adapter", "name": adapter.name, "deleted": True}
 

@@ -71,12 +71,12 @@ class BatchingEngine(Engine):
     """Continuous batching over mixed-adapter batches; see the module docstring."""
 
     def __init__(self, model, tokenizer, registry, max_queue: int = 64, max_batch_size: int = 32,
-                 prefill_chunk: int = 512, static: bool = False):
+                 prefill_chunk: int = 512, static: bool = False, compute=None):
         import torch
 
         from tunesmith.serve.mixed import MixedAdapters
 
-        super().__init__(model, tokenizer, registry, max_queue)
+        super().__init__(model, tokenizer, registry, max_queue, compute)
         self.max_batch_size, self.prefill_chunk, self.static = max_batch_size, prefill_chunk, static
         self.device = next(model.parameters()).device
         self.mixer = MixedAdapters(registry)
@@ -119,18 +119,19 @@ class BatchingEngine(Engine):
 
     def _admit(self) -> bool:
         """Move queued requests in while there is room (blocking when nothing is in flight); False on close."""
+        self.compute.run_pending()  # jobs handed in (Engine.call: adapter loads) run between two steps
         in_flight = len(self.prefilling) + len(self.running)
         if self.static and in_flight:
             return True
         if not in_flight:
-            stream = self.queue.get()
+            stream = self._next(block=True)
             if stream is None:
                 return False
             self.prefilling.append(self._start(stream))
             in_flight = 1
         while in_flight < self.max_batch_size:
             try:
-                stream = self.queue.get_nowait()
+                stream = self._next(block=False)
             except queue.Empty:
                 break
             if stream is None:

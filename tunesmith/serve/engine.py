@@ -23,7 +23,9 @@ SerialEngine runs one request at a time, token by token with a KV cache:
               renormalised, and one token drawn with the request's own torch.Generator (seed, or a random one)
 
 Each step takes the model lock and activates the request's adapter (registry.activate, a no-op when it
-is already active), so adapters can load between any two steps. A request stops at an end-of-sequence
+is already active). The worker is a ComputeThread (compute.py), the one thread of the server that computes:
+other threads hand it work with `engine.call(fn, ...)` (loading an adapter), which it runs between two
+steps. A request stops at an end-of-sequence
 token (finish_reason "stop"), at a stop string (the text is cut before it; "stop"), or at max_tokens
 ("length"). The stream's text is held back while it could still be the start of a stop string.
 """
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 from tunesmith.serve.errors import QueueFull
 
 log = logging.getLogger(__name__)
+
+WAKE = object()  # put in the request queue to wake an idle worker for a job handed in (Engine.call)
 
 
 @dataclass
@@ -98,15 +102,19 @@ class RequestStream:
 class Engine:
     """What app.py needs of an engine; see the module docstring."""
 
-    def __init__(self, model, tokenizer, registry, max_queue: int = 64):
+    def __init__(self, model, tokenizer, registry, max_queue: int = 64, compute=None):
+        from tunesmith.serve.compute import ComputeThread
+
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
+        self._own_compute = compute is None
+        self.compute = compute or ComputeThread()  # the thread the worker loop runs on (compute.py)
         self.lock = registry.lock  # the model lock: forward passes and adapter changes
         self.queue: queue.Queue[RequestStream | None] = queue.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "tokens": 0}
         self.context_length = context_length(model)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.cache_arg = cache_argument(model)
-        self._thread: threading.Thread | None = None
+        self._loop = None  # the worker loop's Future while it runs
         self._pending, self._pending_lock = 0, threading.Lock()  # admitted and not yet finished
 
     def submit(self, request: GenRequest) -> RequestStream:
@@ -125,14 +133,39 @@ class Engine:
         return stream
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="tunesmith-engine", daemon=True)
-        self._thread.start()
+        """Run the worker loop on the compute thread."""
+        self.compute.add_waker(self._wake)
+        self._loop = self.compute.submit(self._work)
 
     def close(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
+        if self._loop is not None:
             self.queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+            try:
+                self._loop.result(timeout)
+            finally:
+                self.compute.remove_waker(self._wake)
+                self._loop = None
+        if self._own_compute:
+            self.compute.close(timeout)
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the worker's thread, between two steps (from any other thread; blocks)."""
+        return self.compute.call(fn, *args, **kwargs)
+
+    def _wake(self) -> None:
+        try:
+            self.queue.put_nowait(WAKE)
+        except queue.Full:  # a full queue: the worker is busy and runs the job at its next step anyway
+            pass
+
+    def _next(self, block: bool):
+        """The next queued request (None: close), after running the jobs handed in; queue.Empty when not blocking
+        and nothing is queued."""
+        while True:
+            self.compute.run_pending()
+            item = self.queue.get() if block else self.queue.get_nowait()
+            if item is not WAKE:
+                return item
 
     @property
     def idle(self) -> bool:
@@ -140,7 +173,7 @@ class Engine:
         return self._pending == 0
 
     def _work(self) -> None:
-        while (stream := self.queue.get()) is not None:
+        while (stream := self._next(block=True)) is not None:
             try:
                 finish = self.run(stream)
             except Exception as e:  # a bug or a device error: answer it, log one line, keep serving
@@ -179,6 +212,7 @@ class SerialEngine(Engine):
             if stream.cancelled.is_set():
                 reason = "cancelled"
                 break
+            self.compute.run_pending()  # adapter loads handed in meanwhile
             with self.lock, torch.no_grad():
                 self.registry.activate(req.adapter)
                 out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache})
