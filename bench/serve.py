@@ -6,7 +6,7 @@
 
 Every strategy serves the same requests: fixed prompt length (random token ids, seed 0) and fixed output length
 (greedy, end-of-sequence ignored so every request makes exactly --output-len tokens); tokens/s is generated
-tokens over wall time. Strategies:
+tokens over wall time, the median of --repeats runs. Strategies:
 
     base            every request on the base model, one batch
     mixed-N         the requests spread round-robin over N adapters, one mixed batch (N = 1, 4, 16)
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--poisson-requests", type=int, default=48)
     parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each strategy and Poisson load; the "
+                        "median is reported (default 3)")
     parser.add_argument("--no-peft", action="store_true", help="leave out PEFT's adapter_names batches")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -201,17 +203,21 @@ def run(args, compute, model, tok, name, folders) -> dict:
                      "output_len": args.output_len}
     try:
         serve(engine, requests(args, [None], 2))  # warm-up
-        for label, adapters in (("base", [None]), ("mixed-1", ["a0"]), ("mixed-4", [f"a{i}" for i in range(4)]),
-                                ("mixed-16", [f"a{i}" for i in range(16)])):
-            wall, _, tokens = serve(engine, requests(args, adapters, args.requests))
-            results[label] = tokens / wall
-        for n in (4, 16):
-            reqs = requests(args, [f"a{i}" for i in range(n)], args.requests)
-            wall, tokens = 0.0, 0
-            for i in range(n):  # one batch per adapter, in turn
-                w, _, t = serve(engine, [r for r in reqs if r.adapter == f"a{i}"])
-                wall, tokens = wall + w, tokens + t
-            results[f"per-adapter-{n}"] = tokens / wall
+        runs: dict[str, list[float]] = {}
+        for _ in range(args.repeats):  # the strategies in turn, each repeat, so that a slow spell hits them all
+            for label, adapters in (("base", [None]), ("mixed-1", ["a0"]), ("mixed-4", [f"a{i}" for i in range(4)]),
+                                    ("mixed-16", [f"a{i}" for i in range(16)])):
+                wall, _, tokens = serve(engine, requests(args, adapters, args.requests))
+                runs.setdefault(label, []).append(tokens / wall)
+            for n in (4, 16):
+                reqs = requests(args, [f"a{i}" for i in range(n)], args.requests)
+                wall, tokens = 0.0, 0
+                for i in range(n):  # one batch per adapter, in turn
+                    w, _, t = serve(engine, [r for r in reqs if r.adapter == f"a{i}"])
+                    wall, tokens = wall + w, tokens + t
+                runs.setdefault(f"per-adapter-{n}", []).append(tokens / wall)
+        results.update({label: percentile(values, 0.5) for label, values in runs.items()})
+        results["runs"] = runs
     finally:
         close_engine(engine)
     results["poisson"] = poisson(args, compute, model, tok, folders)
@@ -219,27 +225,43 @@ def run(args, compute, model, tok, name, folders) -> dict:
         compute.call(model.cpu)
         try:
             for n in (4, 16):
-                results[f"peft-{n}"] = compute.call(peft_tokens_per_s, args, name, folders[:n],
-                                                    requests(args, [f"a{i}" for i in range(n)], args.requests))
+                reqs = requests(args, [f"a{i}" for i in range(n)], args.requests)
+                runs = [compute.call(peft_tokens_per_s, args, name, folders[:n], reqs) for _ in range(args.repeats)]
+                results[f"peft-{n}"], results["runs"][f"peft-{n}"] = percentile(runs, 0.5), runs
         except ImportError:
             print("peft is not installed: its rows are left out", file=sys.stderr)
     return results
 
 
 def poisson(args, compute, model, tok, folders) -> dict:
-    """Continuous against static batching under the same Poisson arrivals over 16 adapters."""
+    """Continuous against static batching under the same Poisson arrivals over 16 adapters, twice: every request
+    making --output-len tokens, and output lengths drawn uniformly from [--output-len / 4, 4 x --output-len]
+    (seed 0; the same draws for both schedulers), as requests of real traffic differ."""
     gaps = torch.distributions.Exponential(args.rate).sample((args.poisson_requests,)).tolist()
+    g = torch.Generator().manual_seed(0)
+    low, high = max(1, args.output_len // 4), 4 * args.output_len
+    lengths = {"fixed": [args.output_len] * args.poisson_requests,
+               "mixed": torch.randint(low, high + 1, (args.poisson_requests,), generator=g).tolist()}
     out = {}
-    for label, static in (("continuous", False), ("static", True)):
-        # a fresh registry per run: the model's adapters are laid over again (mixed.py)
-        engine = build_engine(compute, model, tok, folders, batch=args.requests, static=static)
-        try:
-            wall, ttft, tokens = serve(engine, requests(args, [f"a{i}" for i in range(16)], args.poisson_requests),
-                                       gaps)
-        finally:
-            close_engine(engine)
-        out[label] = {"tokens_per_s": tokens / wall, "ttft_p50": percentile(ttft, 0.5),
-                      "ttft_p95": percentile(ttft, 0.95)}
+    for load, lens in lengths.items():
+        reqs = requests(args, [f"a{i}" for i in range(16)], args.poisson_requests)
+        for req, n in zip(reqs, lens):
+            req.max_tokens = n
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for label, static in (("continuous", False), ("static", True)):
+                # a fresh registry per run: the model's adapters are laid over again (mixed.py)
+                engine = build_engine(compute, model, tok, folders, batch=args.requests, static=static)
+                try:
+                    wall, ttft, tokens = serve(engine, reqs, gaps)
+                finally:
+                    close_engine(engine)
+                runs.setdefault(label, []).append({"tokens_per_s": tokens / wall, "ttft_p50": percentile(ttft, 0.5),
+                                                   "ttft_p95": percentile(ttft, 0.95), "tokens": tokens})
+        for label, results in runs.items():  # the run of median throughput
+            results.sort(key=lambda r: r["tokens_per_s"])
+            out[f"{load}-{label}"] = {**results[len(results) // 2], "runs": [r["tokens_per_s"] for r in results]}
+    out["mixed_lengths"] = [low, high, sum(lengths["mixed"]) / len(lengths["mixed"])]
     return out
 
 
@@ -255,10 +277,16 @@ def table(r: dict, args) -> str:
               "mixed-1")]
     rows += [""] + [f"{label}: {r[a] / r[b]:.2f}x" for label, a, b in ratios if a in r and b in r]
     p = r["poisson"]
-    rows += ["", f"Poisson load, {args.poisson_requests} requests at {args.rate}/s over 16 adapters:", "",
-             "| batching | tokens/s | TTFT p50 (s) | TTFT p95 (s) |", "|---|---|---|---|"]
-    rows += [f"| {k} | {v['tokens_per_s']:.1f} | {v['ttft_p50']:.3f} | {v['ttft_p95']:.3f} |" for k, v in p.items()]
-    rows.append(f"continuous / static: {p['continuous']['tokens_per_s'] / p['static']['tokens_per_s']:.2f}x")
+    low, high, mean = p["mixed_lengths"]
+    rows += ["", f"Poisson load, {args.poisson_requests} requests at {args.rate}/s over 16 adapters; output lengths "
+             f"fixed ({args.output_len}) or mixed (uniform {low}-{high}, mean {mean:.0f}):", "",
+             "| output lengths | batching | tokens/s | TTFT p50 (s) | TTFT p95 (s) |", "|---|---|---|---|---|"]
+    for load in ("fixed", "mixed"):
+        rows += [f"| {load} | {b} | {p[f'{load}-{b}']['tokens_per_s']:.1f} | {p[f'{load}-{b}']['ttft_p50']:.3f} | "
+                 f"{p[f'{load}-{b}']['ttft_p95']:.3f} |" for b in ("continuous", "static")]
+    rows += [f"continuous / static, {load} lengths: "
+             f"{p[f'{load}-continuous']['tokens_per_s'] / p[f'{load}-static']['tokens_per_s']:.2f}x"
+             for load in ("fixed", "mixed")]
     return "\n".join(rows)
 
 

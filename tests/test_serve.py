@@ -89,6 +89,7 @@ class Server:
         self.server.should_exit = True
         self.thread.join(10)
         self.engine.close()
+        self.engine.compute.close()
 
 
 def wait_for(condition, timeout: float) -> None:
