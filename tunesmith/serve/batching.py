@@ -1,7 +1,7 @@
 """Continuous batching: requests join the running batch at the next decode step and leave when they finish.
 
-One worker thread owns the model (engine.py's interface: `submit(request) -> stream`). Each turn of
-its loop is one step:
+The engine's compute thread owns the model (compute.py; engine.py's interface: `submit(request) ->
+stream`). Each turn of its loop is one step (after the jobs handed in with Engine.call):
 
     admit     take queued requests while fewer than max_batch_size are in flight (the rest wait in the
               queue, which answers 429 when full)

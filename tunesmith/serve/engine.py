@@ -23,11 +23,11 @@ SerialEngine runs one request at a time, token by token with a KV cache:
               renormalised, and one token drawn with the request's own torch.Generator (seed, or a random one)
 
 Each step takes the model lock and activates the request's adapter (registry.activate, a no-op when it
-is already active). The worker is a ComputeThread (compute.py), the one thread of the server that computes:
-other threads hand it work with `engine.call(fn, ...)` (loading an adapter), which it runs between two
-steps. A request stops at an end-of-sequence
-token (finish_reason "stop"), at a stop string (the text is cut before it; "stop"), or at max_tokens
-("length"). The stream's text is held back while it could still be the start of a stop string.
+is already active). The worker is a ComputeThread (compute.py), the one thread of the server that
+computes: other threads hand it work with `engine.call(fn, ...)` (loading an adapter), which it runs
+between two steps. A request stops at an end-of-sequence token (finish_reason "stop"), at a stop string
+(the text is cut before it; "stop"), or at max_tokens ("length"). The stream's text is held back while
+it could still be the start of a stop string.
 """
 
 from __future__ import annotations

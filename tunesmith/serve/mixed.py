@@ -40,8 +40,9 @@ modules) is planned once per routing and kept while the rows stay the same: deco
 joins or leaves gather nothing. The gathered stacks hold one adapter's LoRA matrices per row (16 rows
 of r 16 adapters on every linear layer of the default model: 310 MB), freed at the next routing.
 
-Each group's update is the very code `tunesmith generate --adapter` runs for that adapter on those
-rows, so greedy answers agree token for token (fp32) with each adapter alone (tests/test_serve_mixed.py).
+A grouped update is the very code `tunesmith generate --adapter` runs for that adapter on those rows;
+with the LoRA paths above, greedy answers agree token for token (fp32) with each adapter alone
+(tests/test_serve_mixed.py).
 
 A patch entry of another kind (a parameter added to an existing module, a pre-hook, a removed
 child) cannot be told apart per row: such an adapter is refused for batching (NotMixable) and can be
