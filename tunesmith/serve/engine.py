@@ -100,7 +100,11 @@ class RequestStream:
 
 
 class Engine:
-    """What app.py needs of an engine; see the module docstring."""
+    """What app.py needs of an engine; see the module docstring.
+
+    `compute`: the ComputeThread its loop runs on (a new one when None). For full speed on a CPU, load the model
+    and build the engine on that thread too (compute.call), as `tunesmith serve` does: a thread that computed
+    beside it slows every operator of it (compute.py)."""
 
     def __init__(self, model, tokenizer, registry, max_queue: int = 64, compute=None):
         from tunesmith.serve.compute import ComputeThread
