@@ -90,17 +90,8 @@ async def read_body(request: Request, model: type[BaseModel]):
 
 def create_app(engine, registry, base_name: str, base_path: str | None = None, api_key: str | None = None) -> FastAPI:
     """The app over a started engine and its adapter registry; with `api_key`, every route needs it."""
-
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>`.")
-
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
-    router = APIRouter(route_class=GuardedRoute, dependencies=[Depends(check_key)])
+    router = APIRouter(route_class=GuardedRoute, dependencies=[Depends(key_check(api_key))])
     tokenizer = engine.tokenizer
     created = p.now()
 
@@ -149,6 +140,29 @@ def create_app(engine, registry, base_name: str, base_path: str | None = None, a
         choice = p.TextChoice(text=text, finish_reason=finish.reason)
         return p.Completion(id=rid, created=p.now(), model=model, choices=[choice], usage=_usage(finish)).model_dump()
 
+    add_adapter_routes(router, engine, registry, base_name)
+    app.include_router(router)
+    return app
+
+
+def key_check(api_key: str | None):
+    """The dependency every route runs: 401 unless the request carries `Authorization: Bearer <api_key>`."""
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>`.")
+
+    return check_key
+
+
+def add_adapter_routes(router: APIRouter, engine, registry, base_name: str) -> None:
+    """GET, POST and DELETE /v1/adapters: list, load and unload adapters at run time (loads and unloads run on the
+    engine's compute thread, between two of its steps)."""
+
     @router.get("/v1/adapters")
     async def adapters():
         return {"object": "list", "data": [{"object": "adapter", **a.describe(), "in_flight": registry.busy(a.name)}
@@ -167,9 +181,6 @@ def create_app(engine, registry, base_name: str, base_path: str | None = None, a
         adapter = await asyncio.to_thread(engine.call, registry.unload, name)
         log.info("unloaded adapter %s", name)
         return {"object": "adapter", "name": adapter.name, "deleted": True}
-
-    app.include_router(router)
-    return app
 
 
 def _refuse_unsupported(body: p.Request) -> None:
