@@ -1,6 +1,6 @@
 """Peak memory and wall time of merging three models of the default size: tunesmith merge vs mergekit 0.1.5.
 
-    .venv-test/bin/python bench/merge.py [--methods linear,ties,dare_ties] [--tools tunesmith,mergekit] [--keep DIR]
+    .venv-test/bin/python bench/merge.py [--methods linear,ties,dare_ties] [--tools tunesmith,mergekit] [--repeats 3] [--keep DIR]
 
 Makes three models from the default model (SmolLM2-135M-Instruct) in a temporary folder: the base
 itself (m0) and two copies perturbed with seeded noise (m1, m2; W + 1e-3 N(0, 1), generator seeded
@@ -156,20 +156,31 @@ def run_child(tool: str, recipe: Path, out: Path) -> dict:
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median merge wall time, with every run's wall time in "all_seconds" (single runs of the same
+    merge varied by up to 2x on this machine: mergekit's linear took 1.1, 1.5 and 2.6 s)."""
+    chosen = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
+    chosen["all_seconds"] = [r["seconds"] for r in runs]
+    return chosen
+
+
 def table(method: str, model_bytes: int, results: dict) -> str:
     mib = lambda kb: f"{kb / 1024:.0f} MiB"
     lines = [f"{method}: three models of {model_bytes / 2**20:.0f} MiB each",
-             "| tool | peak RSS | peak / one model | RSS before merging | merge wall time | process wall time |",
-             "|---|---|---|---|---|---|"]
+             "| tool | peak RSS | peak / one model | RSS before merging | merge wall time (median) | runs | "
+             "process wall time |",
+             "|---|---|---|---|---|---|---|"]
     for tool, r in results.items():
         lines.append(f"| {tool} | {mib(r['peak_kb'])} | {r['peak_kb'] * 1024 / model_bytes:.2f}x | "
-                     f"{mib(r['rss_before_kb'])} | {r['seconds']:.1f} s | {r['process_seconds']:.1f} s |")
+                     f"{mib(r['rss_before_kb'])} | {r['seconds']:.2f} s | "
+                     f"{', '.join(f'{x:.2f}' for x in r.get('all_seconds', [r['seconds']]))} | "
+                     f"{r['process_seconds']:.1f} s |")
     phases = results.get("tunesmith", {}).get("phases_kb", {})
     if phases:
         lines.append("tunesmith's peak per phase: " + ", ".join(f"{k} {mib(v)}" for k, v in phases.items()))
         lines.append(f"tunesmith's merge call with its first imports in it: {results['tunesmith']['cold_seconds']:.1f} s; "
                      "the warm call's wall time per phase: " + ", ".join(
-            f"{k} {v:.1f} s" for k, v in results["tunesmith"]["phase_seconds"].items()))
+            f"{k} {v:.2f} s" for k, v in results["tunesmith"]["phase_seconds"].items()))
     if set(results) != {"tunesmith", "mergekit"}:
         return "\n".join(lines)
     ours, theirs = results["tunesmith"], results["mergekit"]
@@ -182,6 +193,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="linear,ties,dare_ties", help="comma-separated: " + ", ".join(RECIPES))
     parser.add_argument("--tools", default="tunesmith,mergekit", help="comma-separated: tunesmith, mergekit")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="merges per tool, taken in turn; the run of median wall time is reported (default 3)")
     parser.add_argument("--keep", help="make the models and outputs in this folder and keep them (reused when there)")
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "RECIPE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,7 +217,12 @@ def main() -> None:
         for method in methods:
             recipe = root / f"{method}.yaml"
             recipe.write_text(yaml.safe_dump(RECIPES[method](models)))
-            results = {tool: measure(tool, recipe, root / f"{method}-{tool}") for tool in tools}
+            runs = {tool: [] for tool in tools}
+            for _ in range(args.repeats):  # in turn, so that a slow spell of the machine hits every tool
+                for tool in tools:
+                    runs[tool].append(measure(tool, recipe, root / f"{method}-{tool}"))
+                    shutil.rmtree(root / f"{method}-{tool}", ignore_errors=True)
+            results = {tool: median_run(r) for tool, r in runs.items()}
             print(table(method, model_bytes, results), flush=True)
             for tool in results:
                 shutil.rmtree(root / f"{method}-{tool}", ignore_errors=True)

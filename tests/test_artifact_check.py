@@ -97,3 +97,23 @@ def test_a_streamed_merge_folder_is_checked_without_a_model_in_memory(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ArtifactCheckError, match="weights missing from the files: model.layers.0.mlp.down_proj"):
         check_merged_folder(tmp_path, tmp_path, planned)
+
+
+def test_a_merge_folder_that_lost_the_donors_chat_template_is_found(tmp_path):
+    """The donor's template is read from its files (no second tokenizer load) and must survive in the merge."""
+    import shutil
+
+    from tunesmith.export.check import check_merged_folder
+
+    donor, merged = tmp_path / "donor", tmp_path / "merged"
+    model, _ = saved(donor)
+    assert (donor / "chat_template.jinja").is_file() or "chat_template" in (donor / "tokenizer_config.json").read_text()
+    shutil.copytree(donor, merged)
+    planned = {name: torch.float32 for name in model.state_dict()}
+    check_merged_folder(merged, donor, planned)
+    (merged / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((merged / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (merged / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactCheckError, match="the chat template is missing"):
+        check_merged_folder(merged, donor, planned)

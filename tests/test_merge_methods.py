@@ -7,6 +7,7 @@ mergekit (a test-only dependency) runs in this process: its import costs ~5 s on
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,37 @@ def test_random_methods_follow_the_seed(models, tmp_path):
     a, b, c = (tensors(tmp_path / x) for x in "abc")
     key = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+def test_dare_masks_drawn_ahead_on_a_second_thread_are_the_ones_drawn_in_place(models, tmp_path, monkeypatch):
+    """merge_recipe draws DARE's masks on a second thread (dare.MasksAhead); every mask is taken from it, and the merge
+    equals, bit for bit, the one that draws each mask in place."""
+    import contextlib
+
+    from tunesmith.merge import dare
+    from tunesmith.merge import run as merge_run
+
+    taken, take = [], dare.MasksAhead.take
+    monkeypatch.setattr(dare.MasksAhead, "take", lambda self, *planned: taken.append(planned) or take(self, *planned))
+    tree = recipe("dare_linear", models)  # m2's density follows a gradient over the layers
+    merge_recipe(parse_recipe(tree), tmp_path / "ahead", seed=3)
+    assert len(taken) >= 2 * len(tensors(tmp_path / "ahead")) - 2 and {d for _, d, _ in taken} >= {0.5, 0.3, 0.9}
+    assert not [t for t in threading.enumerate() if t.name == "tunesmith-dare-masks"]
+    monkeypatch.setattr(merge_run, "masks_ahead", lambda schedule: contextlib.nullcontext())
+    merge_recipe(parse_recipe(tree), tmp_path / "in-place", seed=3)
+    ahead, in_place = tensors(tmp_path / "ahead"), tensors(tmp_path / "in-place")
+    assert ahead.keys() == in_place.keys() and all(torch.equal(ahead[k], in_place[k]) for k in ahead)
+
+
+def test_a_mask_asked_out_of_schedule_is_an_error_and_the_drawing_thread_stops():
+    from tunesmith.merge.dare import MasksAhead
+
+    ahead = MasksAhead([(10, 0.5, torch.float32)] * 50, ahead=2)
+    assert ahead.take(10, 0.5, torch.float32).shape == (10,)
+    with pytest.raises(RuntimeError, match="schedule has"):
+        ahead.take(12, 0.5, torch.float32)
+    ahead.close()  # with the queue full: the thread must not stay blocked
+    assert not ahead.thread.is_alive()
 
 
 def test_the_merge_loads_with_its_tokenizer_and_dtype(models, tmp_path):

@@ -17,6 +17,11 @@ draws it (one torch.bernoulli over a tensor filled with density, fp32 on the CPU
 
 from __future__ import annotations
 
+import math
+import queue
+import threading
+from contextlib import contextmanager
+
 import torch
 
 from tunesmith.merge.registry import MergeMethod
@@ -30,12 +35,94 @@ def work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+class MasksAhead:
+    """DARE's Bernoulli masks drawn on a second thread, ahead of the merge that uses them.
+
+    torch.bernoulli over a tensor of probabilities runs on one core (a serial kernel: it draws entry by entry
+    from the generator): 2.8 s of DARE TIES' 5.9 s over three models of the default size (bench/merge.py),
+    while the other core waited. What a merge draws depends on nothing but the generator and, per (tensor,
+    model) in merge order, the number of entries, the density and the work dtype, all known before the merge
+    starts (the schedule). So this thread draws them in that order, chunk by chunk as drop_plan would, while
+    the merge reads, combines and writes on the other core; the merge takes each mask when it reaches it.
+    Nothing else draws from the generator while the merge runs, so every mask is the one the merge would
+    have drawn itself: the same seed gives the same merge, bit for bit (tests/test_merge_methods.py)."""
+
+    def __init__(self, schedule: list[tuple[int, float, torch.dtype]], ahead: int = 16, chunk: int = 2**22):
+        self.schedule, self.chunk = schedule, chunk
+        self.ready: queue.Queue = queue.Queue(maxsize=ahead)  # at most `ahead` masks held (one byte an entry)
+        self.stop = threading.Event()
+        self.taken = 0
+        self.thread = threading.Thread(target=self._draw_all, name="tunesmith-dare-masks", daemon=True)
+        self.thread.start()
+
+    def _draw_all(self) -> None:
+        try:
+            for numel, density, dtype in self.schedule:
+                mask = torch.empty(numel, dtype=torch.bool)
+                for a in range(0, numel, self.chunk):  # chunks draw what one call would; a chunk's floats held
+                    b = min(numel, a + self.chunk)
+                    mask[a:b] = torch.bernoulli(torch.full((b - a,), density, dtype=dtype)).bool()
+                    if self.stop.is_set():
+                        return
+                self._put(mask)
+        except BaseException as e:  # handed to the merge, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def take(self, numel: int, density: float, dtype: torch.dtype) -> torch.Tensor:
+        """The next mask (numel,) as bool; it must be the one the schedule planned next."""
+        planned = self.schedule[self.taken] if self.taken < len(self.schedule) else None
+        if planned != (numel, density, dtype):
+            raise RuntimeError(f"DARE asked for a mask of {(numel, density, dtype)} where the schedule has {planned}")
+        item = self.ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.taken += 1
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+AHEAD: MasksAhead | None = None  # the masks of the merge now running (masks_ahead), else drawn in place
+
+
+@contextmanager
+def masks_ahead(schedule: list[tuple[int, float, torch.dtype]]):
+    """While the block runs, drop_plan and random_drop take their masks from a MasksAhead over `schedule`."""
+    global AHEAD
+    if not schedule:
+        yield
+        return
+    AHEAD = MasksAhead(schedule)
+    try:
+        yield
+    finally:
+        AHEAD.close()
+        AHEAD = None
+
+
+def bernoulli_mask(shape: tuple, density: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """Bernoulli(density) entries of `shape` (0/1 in dtype): from the merge's MasksAhead when one runs."""
+    if AHEAD is not None and torch.device(device).type == "cpu":
+        return AHEAD.take(math.prod(shape), density, dtype).view(shape).to(dtype)
+    return torch.bernoulli(torch.full(shape, density, dtype=dtype, device=device))
+
+
 def random_drop(delta: torch.Tensor, density: float, rescale: bool, variant: str) -> torch.Tensor:
     """Keep each entry with probability density; rescale as the variant says."""
     if density >= 1:
         return delta
     dtype = work_dtype(delta)
-    mask = torch.bernoulli(torch.full_like(delta, density, dtype=dtype))
+    mask = bernoulli_mask(tuple(delta.shape), density, dtype, delta.device)
     if variant == "paper":
         kept = delta.to(dtype) * mask
         result = kept / density if rescale and density > 0 else kept
@@ -56,8 +143,13 @@ def drop_plan(delta_rows, chunks, shape, params, shared):
     if dtype != first.dtype:
         return random_drop(torch.cat([delta_rows(rows).reshape(-1) for rows in chunks]).reshape(shape), density,
                            rescale, variant)
+    on_cpu = first.device.type == "cpu"
     del first
-    draw = lambda d, a, b: torch.bernoulli(torch.full((b - a,), density, dtype=dtype, device=d.device))
+    if AHEAD is not None and on_cpu:
+        whole = AHEAD.take(math.prod(shape), density, dtype)
+        draw = lambda d, a, b: whole[a:b]  # bool
+    else:
+        draw = lambda d, a, b: torch.bernoulli(torch.full((b - a,), density, dtype=dtype, device=d.device))
     if variant != "paper":
         return mask_plan(delta_rows, chunks, shape, draw, rescale)
     masked = mask_plan(delta_rows, chunks, shape, draw, rescale=False)

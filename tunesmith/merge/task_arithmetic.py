@@ -54,17 +54,17 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, shared: dict, per_model: l
     weights = torch.tensor([p["weight"] for p in per_model], dtype=deltas.dtype, device=deltas.device)
     while weights.dim() < deltas.dim():
         weights.unsqueeze_(-1)  # (models, 1, ..., 1)
-    deltas.mul_(weights)
-    if consensus:
-        mask = sign_agreement(deltas)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if shared["normalize"]:
+    if not all(p["weight"] == 1 for p in per_model):  # x * 1.0 is x, bit for bit: a pass saved
+        deltas.mul_(weights)
+    mask = sign_agreement(deltas) if consensus else None
+    mixed = (deltas * mask).sum(dim=0) if consensus else deltas.sum(dim=0)
+    if shared["normalize"]:  # the divisor only when it divides (a pass and a masked fill saved otherwise)
+        if consensus:
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
         mixed /= divisor
     if shared["lambda"] != 1:
         mixed *= shared["lambda"]
@@ -109,7 +109,7 @@ def flat_span(rows: slice | None, shape: tuple) -> tuple[int, int]:
 def mask_plan(delta_rows: Callable, chunks: list, shape: tuple, mask_of: Callable, rescale: bool,
               eps: float = 1e-7) -> Callable:
     """`rescaled(delta, mask, rescale)` as a plan for frame_stream, bit for bit, holding a one-byte mask and a
-    scale: mask_of(delta_rows, a, b) gives the mask (0/1 in delta's dtype) of the flat entries [a, b), called
+    scale: mask_of(delta_rows, a, b) gives the mask (0/1 in delta's dtype, or bool) of the flat entries [a, b), called
     once per chunk in order (a random mask draws as one call over the tensor would). The L1 norms are summed
     over the whole tensors, as `rescaled` sums them."""
     whole = None
@@ -122,8 +122,8 @@ def mask_plan(delta_rows: Callable, chunks: list, shape: tuple, mask_of: Callabl
     for rows in chunks:
         delta = delta_rows(rows)
         a, b = flat_span(rows, shape)
-        m = mask_of(delta, a, b)
-        mask[a:b] = m.reshape(-1).bool()
+        m = mask_of(delta, a, b)  # 0/1 in delta's dtype, or bool (delta * True is delta * 1.0, bit for bit)
+        mask[a:b] = m.reshape(-1)
         if whole is not None:
             torch.mul(delta, m.reshape(delta.shape), out=whole if rows is None else whole[rows])
     scale = None
@@ -135,7 +135,7 @@ def mask_plan(delta_rows: Callable, chunks: list, shape: tuple, mask_of: Callabl
 
     def apply(x: torch.Tensor, rows) -> None:
         a, b = flat_span(rows, shape)
-        x.mul_(mask[a:b].view(x.shape).to(x.dtype))
+        x.mul_(mask[a:b].view(x.shape))  # by 1.0 or 0.0, as the float mask multiplied
         if scale is not None:
             x.mul_(scale)
     return apply
@@ -144,9 +144,10 @@ def mask_plan(delta_rows: Callable, chunks: list, shape: tuple, mask_of: Callabl
 def sign_agreement(deltas: torch.Tensor) -> torch.Tensor:
     """TIES' elected sign (arXiv:2306.01708, Section 3, step 2, "elect"): the sign of the summed weighted
     deltas (+ on ties), and per model the mask of the entries that share it (step 3, "disjoint merge")."""
-    sign = deltas.sign()
-    majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-    return sign == majority
+    # sign(d) == (+1 if sum >= 0 else -1), in boolean passes: d > 0 agrees with a sum >= 0, d < 0 with a sum
+    # < 0, and d = 0 (sign 0) with neither; a NaN (sign NaN) with nothing
+    positive = deltas.sum(dim=0) >= 0
+    return ((deltas > 0) == positive) & ((deltas != 0) & ~deltas.isnan())
 
 
 def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:

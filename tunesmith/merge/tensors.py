@@ -115,11 +115,11 @@ class ModelTensors:
             READ_HOOK(name, size)
         if size == 0:
             return torch.empty(shape, dtype=info.dtype)
-        buf = bytearray(size)
+        out = torch.empty(size, dtype=torch.uint8)  # not bytearray(size), which zero-fills what is read over
         with open(info.path, "rb") as f:
             f.seek(begin)
-            f.readinto(buf)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+            f.readinto(out.numpy())
+        return out.view(info.dtype).reshape(shape)
 
     def num_layers(self) -> int:
         layers = self.config.get("num_hidden_layers")
