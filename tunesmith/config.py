@@ -226,6 +226,12 @@ class ObjectiveConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling, keep the most likely tokens up to this "
                          "mass; 1: off.")
     top_k: int = Field(0, ge=0, description="grpo: sample among the k most likely tokens; 0: off.")
+    fold_adapters: bool | None = Field(
+        None, description="grpo and ppo: sample with each adapter's update folded into a temporary copy of its "
+        "weight, W0 + dW (one matmul per layer instead of three; costs one copy of the adapted weights while "
+        "sampling); null: on when the model is on the CPU. Quantized (QLoRA) and sharded (FSDP) weights are never "
+        "folded. docs/rl.md.",
+    )
     epsilon_low: float = Field(0.2, ge=0, lt=1, description="grpo: the importance ratio is clipped below at "
                                "1 - epsilon_low.")
     epsilon_high: float = Field(0.2, ge=0, description="grpo: ... and above at 1 + epsilon_high (DAPO's clip-higher "

@@ -85,6 +85,8 @@ class DoRALinear(LoRALinear):
             return (self.lora_magnitude_vector / torch.linalg.norm(direction, dim=1)).view(-1, 1) * direction - w0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded is not None:  # folded_for_sampling: W0 + dW = m (W0 + s B A) / n
+            return self.folded_kernel(x, self.folded, self.bias)
         if self.merged:
             weight = self._base_weight() if self.disabled else self.weight
             return F.linear(x, weight, self.bias)

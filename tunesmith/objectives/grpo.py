@@ -119,6 +119,15 @@ def sampling_config(opts, stop_ids: tuple[int, ...]):
                           top_k=opts.top_k, stop_ids=tuple(stop_ids))
 
 
+def fold_adapters(model, opts) -> bool:
+    """objective.fold_adapters, its default (null) resolved: on where the model is on the CPU. There decode steps
+    of a few rows are latency-bound and folding saves two of three matmuls per adapted layer; on a GPU the copy
+    of every adapted weight it costs is memory the rollout may need (docs/rl.md)."""
+    if opts.fold_adapters is not None:
+        return opts.fold_adapters
+    return next(model.parameters()).device.type == "cpu"
+
+
 def prompt_seed(base: int, index: int, attempt: int = 0) -> int:
     """seeds[i] of the sampler: a function of (train.seed, step) through `base`, the row index and the draw."""
     return ((base * SEED_STRIDE + index) * SEED_STRIDE + attempt) % 2**63
@@ -184,6 +193,7 @@ def draw(model, indices: list[int], seeds: list[int], opts, rewards, run: Run, g
          step: int | None = None):
     """(completions N x G, per_reward (K, N*G), total (N*G,)) for the prompts of these training examples.
     With `step` (a training rollout) the call is counted in run.carry; the rewards get its trainer_state."""
+    from tunesmith.methods.weight_delta import folded_for_sampling
     from tunesmith.rl.rewards import score
     from tunesmith.rl.sampling import sample
     from tunesmith.train import progress
@@ -196,7 +206,7 @@ def draw(model, indices: list[int], seeds: list[int], opts, rewards, run: Run, g
     if not indices:  # under torchrun a process may have no prompt in a round (dynamic sampling, a short window)
         return [], torch.zeros((len(rewards), 0), dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     prompts = [run.examples[i]["input_ids"] for i in indices]
-    with progress.phase("generate"):
+    with progress.phase("generate"), folded_for_sampling(model, fold_adapters(model, opts)):
         completions = sample(model, prompts, g, cfg, seeds, run.pad_id, progress=progress.tokens)
     with progress.phase("score"):
         rows = [json.loads(run.examples[i]["row"]) for i in indices]
