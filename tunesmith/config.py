@@ -229,8 +229,9 @@ class ObjectiveConfig(Section):
     fold_adapters: bool | None = Field(
         None, description="grpo and ppo: sample with each adapter's update folded into a temporary copy of its "
         "weight, W0 + dW (one matmul per layer instead of three; costs one copy of the adapted weights while "
-        "sampling); null: on when the model is on the CPU. Quantized (QLoRA) and sharded (FSDP) weights are never "
-        "folded. docs/rl.md.",
+        "sampling; on an AMD CPU the folded model's fp32 linears then run through oneDNN, models/cpu_linear.py); "
+        "null: on when the model is on the CPU. Quantized (QLoRA) and sharded (FSDP) weights are never folded. "
+        "docs/rl.md.",
     )
     epsilon_low: float = Field(0.2, ge=0, lt=1, description="grpo: the importance ratio is clipped below at "
                                "1 - epsilon_low.")
