@@ -1,6 +1,7 @@
 """Peak memory and wall time of merging three models of the default size: tunesmith merge vs mergekit 0.1.5.
 
-    .venv-test/bin/python bench/merge.py [--methods linear,ties,dare_ties] [--tools tunesmith,mergekit] [--repeats 3] [--keep DIR]
+    .venv-test/bin/python bench/merge.py [--methods linear,ties,dare_ties] [--tools tunesmith,mergekit]
+                                         [--repeats 3] [--keep DIR]
 
 Makes three models from the default model (SmolLM2-135M-Instruct) in a temporary folder: the base
 itself (m0) and two copies perturbed with seeded noise (m1, m2; W + 1e-3 N(0, 1), generator seeded
