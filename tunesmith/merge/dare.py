@@ -30,9 +30,20 @@ from tunesmith.merge.task_arithmetic import gta_params, mask_plan, rescaled, tas
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
     """torch.bernoulli has no fp16 CPU kernel: CPU tensors other than bf16 are drawn in fp32 (as mergekit)."""
-    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
-        return tensor.dtype
+    return draw_dtype(tensor.dtype, tensor.device.type)
+
+
+def draw_dtype(dtype: torch.dtype, device_type: str = "cpu") -> torch.dtype:
+    """work_dtype of a tensor of this dtype on this kind of device."""
+    if device_type != "cpu" or dtype == torch.bfloat16:
+        return dtype
     return torch.float32
+
+
+def bernoulli(shape: tuple, density: float, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """mergekit's draw: torch.bernoulli over a tensor of `shape` filled with density (0/1 in dtype). On the CPU it
+    draws entry by entry from the generator, so consecutive draws give what one draw over all entries would."""
+    return torch.bernoulli(torch.full(shape, density, dtype=dtype, device=device))
 
 
 class MasksAhead:
@@ -62,7 +73,7 @@ class MasksAhead:
                 mask = torch.empty(numel, dtype=torch.bool)
                 for a in range(0, numel, self.chunk):  # chunks draw what one call would; a chunk's floats held
                     b = min(numel, a + self.chunk)
-                    mask[a:b] = torch.bernoulli(torch.full((b - a,), density, dtype=dtype)).bool()
+                    mask[a:b] = bernoulli((b - a,), density, dtype).bool()
                     if self.stop.is_set():
                         return
                 self._put(mask)
@@ -115,7 +126,7 @@ def bernoulli_mask(shape: tuple, density: float, dtype: torch.dtype, device) -> 
     """Bernoulli(density) entries of `shape` (0/1 in dtype): from the merge's MasksAhead when one runs."""
     if AHEAD is not None and torch.device(device).type == "cpu":
         return AHEAD.take(math.prod(shape), density, dtype).view(shape).to(dtype)
-    return torch.bernoulli(torch.full(shape, density, dtype=dtype, device=device))
+    return bernoulli(shape, density, dtype, device)
 
 
 def random_drop(delta: torch.Tensor, density: float, rescale: bool, variant: str) -> torch.Tensor:
@@ -150,7 +161,7 @@ def drop_plan(delta_rows, chunks, shape, params, shared):
         whole = AHEAD.take(math.prod(shape), density, dtype)
         draw = lambda d, a, b: whole[a:b]  # bool
     else:
-        draw = lambda d, a, b: torch.bernoulli(torch.full((b - a,), density, dtype=dtype, device=d.device))
+        draw = lambda d, a, b: bernoulli((b - a,), density, dtype, d.device)
     if variant != "paper":
         return mask_plan(delta_rows, chunks, shape, draw, rescale)
     masked = mask_plan(delta_rows, chunks, shape, draw, rescale=False)

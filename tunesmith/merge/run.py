@@ -206,7 +206,7 @@ def random_draws(plan, readers: list[ModelTensors], entries: list[InputModel], b
     """DARE's masks in the order the merge loop draws them (dare.MasksAhead's schedule): per floating tensor in plan
     order, per input other than the base with a density below 1, (entries, density, work dtype). Empty for every
     other method (DELLA's probabilities depend on the magnitudes, so its draws are made in place)."""
-    from tunesmith.merge.dare import drop_plan, work_dtype
+    from tunesmith.merge.dare import draw_dtype, drop_plan
 
     if method.sparsify_ is not drop_plan or base_index is None:
         return []
@@ -217,7 +217,7 @@ def random_draws(plan, readers: list[ModelTensors], entries: list[InputModel], b
         if not metas[donor].dtype.is_floating_point or len({tuple(m.shape) for m in metas}) > 1:
             continue
         t = layer_position(layer_index(name), num_layers)
-        dtype = work_dtype(torch.empty(0, dtype=read_dtype(metas, recipe)))
+        dtype = draw_dtype(read_dtype(metas, recipe))
         for i in range(len(entries)):
             if i == base_index:
                 continue

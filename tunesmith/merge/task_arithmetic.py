@@ -56,8 +56,11 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, shared: dict, per_model: l
         weights.unsqueeze_(-1)  # (models, 1, ..., 1)
     if not all(p["weight"] == 1 for p in per_model):  # x * 1.0 is x, bit for bit: a pass saved
         deltas.mul_(weights)
-    mask = sign_agreement(deltas) if consensus else None
-    mixed = (deltas * mask).sum(dim=0) if consensus else deltas.sum(dim=0)
+    if consensus:
+        mask = sign_agreement(deltas)
+        mixed = (deltas * mask).sum(dim=0)
+    else:
+        mixed = deltas.sum(dim=0)
     if shared["normalize"]:  # the divisor only when it divides (a pass and a masked fill saved otherwise)
         if consensus:
             divisor = (weights * mask).sum(dim=0)

@@ -165,19 +165,18 @@ def folded_for_sampling(model: nn.Module, enabled: bool = True):
     from tunesmith.models.cpu_linear import linear_kernel
 
     layers = [m for m in model.modules() if isinstance(m, WeightDeltaLinear) and m.can_fold()] if enabled else []
-    routed = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__
-              and linear_kernel(m.weight) is not F.linear] if layers else []
+    plain = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__] if layers else []
+    routed = [(m, kernel) for m in plain if (kernel := linear_kernel(m.weight)) is not F.linear]
     try:
         with torch.no_grad():
             for layer in layers:
                 layer.folded = layer.weight + layer.delta_weight()
                 layer.folded_kernel = linear_kernel(layer.folded)
-        for linear in routed:  # an instance attribute, so the class's forward is back when it is deleted
-            kernel = linear_kernel(linear.weight)
+        for linear, kernel in routed:  # an instance attribute, so the class's forward is back when it is deleted
             linear.forward = lambda x, linear=linear, kernel=kernel: kernel(x, linear.weight, linear.bias)
         yield len(layers)
     finally:
         for layer in layers:
             layer.folded, layer.folded_kernel = None, F.linear
-        for linear in routed:
+        for linear, _ in routed:
             linear.__dict__.pop("forward", None)
