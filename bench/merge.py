@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def measure(tool: str, recipe: Path, out: Path) -> dict:
 
 def run_child(tool: str, recipe: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", tool, str(recipe), str(out)]
+    os.sync()  # the previous run's written model flushed first, so no run's writes wait on another's writeback
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

@@ -45,6 +45,7 @@ def merge(tree: dict, out, monkeypatch, streamed: bool) -> tuple[dict, list[int]
         m.setattr(tensors, "READ_HOOK", lambda name, nbytes: reads.append(nbytes))
         if streamed:
             m.setattr(tensors, "CHUNK_BYTES", CHUNK)
+            m.setattr(tensors, "ELEMENTWISE_CHUNK_BYTES", CHUNK)
         else:
             m.setattr(merge_run, "get_merge_method",
                       lambda name: dataclasses.replace(GET_METHOD(name), elementwise=False, sparsify_=None))
@@ -112,3 +113,26 @@ def test_ties_threshold_keeps_the_entries_argsort_keeps(kind, monkeypatch):
     assert torch.equal(streamed, whole)
     assert torch.equal(streamed.signbit(), whole.signbit())
     assert bool(sorts) == kind.startswith("ties_")  # the sort runs only where ties leave argsort a choice
+
+
+def test_a_read_is_a_private_mapping_that_writing_into_never_changes_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    weight = torch.arange(4096 * 3, dtype=torch.float32).reshape(3, 4096)  # rows of 16 KiB: page-aligned and not
+    save_file({"a": torch.ones(5), "w": weight}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    files = tensors.ModelTensors(tmp_path)
+    rows = files.get("w", slice(1, 3))
+    assert torch.equal(rows, weight[1:3])
+    rows.mul_(-1)  # copy-on-write: this process's pages change, the file's do not
+    assert torch.equal(files.get("w"), weight)
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], weight)
+    assert files.get("w", slice(3, 3)).shape == (0, 4096)
+
+
+def test_merging_into_one_of_the_inputs_is_refused(models, tmp_path):
+    from tunesmith.errors import UserError
+
+    tree = recipe("linear", models)
+    with pytest.raises(UserError, match="is one of the merge's inputs"):
+        merge_recipe(parse_recipe(tree), tree["models"][1]["model"], seed=0)

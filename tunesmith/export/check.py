@@ -112,11 +112,17 @@ def check_merged_folder(folder: str | Path, donor: str | Path, dtypes: dict[str,
 
 def meta_model(config, auto_class):
     """The model of `config` with its parameters on the meta device (no memory) and its buffers real (rotary
-    frequencies are computed at construction, not stored)."""
+    frequencies are computed at construction, not stored). Weight initialisation is skipped: on meta tensors it
+    does nothing but walk every module (0.1 s of the 0.46 s check of the default model)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = auto_class.from_config(config)
+    model.tie_weights()  # skipped with the initialisation in transformers 5
     return model.eval()
 
 

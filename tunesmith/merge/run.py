@@ -28,6 +28,7 @@ import torch
 from tunesmith.errors import UserError
 from tunesmith.merge.config import InputModel, Recipe, evaluate_setting, layer_position, read_recipe
 from tunesmith.merge.dare import masks_ahead
+from tunesmith.merge import tensors
 from tunesmith.merge.registry import REQUIRED, MergeMethod, get_merge_method
 from tunesmith.merge.tensors import (TIED_HEAD, ModelTensors, ShardWriter, layer_index, release_freed_memory,
                                      row_chunks)
@@ -63,10 +64,12 @@ def merge_recipe(recipe: Recipe, out_dir: str | Path, seed: int | None = 0, max_
     entries, base_index, donor = input_entries(recipe, method, where, same_reference)
     with tempfile.TemporaryDirectory(prefix="tunesmith-merge-") as scratch:
         folders = [resolve_reference(e.model, Path(scratch)) for e in entries]
+        out = Path(out_dir)
+        if any(out.resolve() == f.resolve() for f in folders):  # its weights would be replaced while read
+            raise UserError(f"The output folder {str(out)!r} is one of the merge's inputs; choose another folder.")
         readers = [ModelTensors(f) for f in folders]
         plan, untie = plan_tensors(readers, donor, recipe)
         phase("inputs")
-        out = Path(out_dir)
         writer = ShardWriter(out, [(n, d, s) for n, d, s in plan], max_shard_bytes)
         if seed is not None:
             torch.manual_seed(seed)  # after loading: folding an adapter may draw from the RNG
@@ -173,7 +176,8 @@ def merge_rows(name: str, readers: list[ModelTensors], entries: list[InputModel]
                   for k in method.per_model()} for i in others]
     read = lambda i: lambda rows: readers[i].get(name, rows).to(dtype)
     shape = metas[donor].shape
-    chunks = row_chunks(shape, torch.empty((), dtype=dtype).element_size())
+    chunks = row_chunks(shape, torch.empty((), dtype=dtype).element_size(),
+                        tensors.ELEMENTWISE_CHUNK_BYTES if method.elementwise else tensors.CHUNK_BYTES)
     if method.elementwise or (method.sparsify_ is not None and base_index is not None and others):
         if not method.elementwise:
             from tunesmith.merge.task_arithmetic import frame_stream
