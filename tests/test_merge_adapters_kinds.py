@@ -116,8 +116,10 @@ def same_rank(base_dir, tmp_path_factory):
     return root / "a", root / "b"
 
 
-def peft_merge(base_dir: Path, adapters, weights, combination_type: str, density, seed: int, monkeypatch):
-    """peft's add_weighted_adapter on the two adapters; the RNG seeded where its merge loop starts."""
+def peft_merge(base_dir: Path, adapters, weights, combination_type: str, density, seed: int, monkeypatch,
+               **options):
+    """peft's add_weighted_adapter on the two adapters (options: its svd_rank, svd_clamp, majority_sign_method...);
+    the RNG seeded where its merge loop starts."""
     peft = pytest.importorskip("peft")
     import peft.tuners.lora.model as lora_model
     from transformers import AutoModelForCausalLM
@@ -132,21 +134,49 @@ def peft_merge(base_dir: Path, adapters, weights, combination_type: str, density
         torch.manual_seed(seed)
 
     monkeypatch.setattr(lora_model, "_freeze_adapter", seeded_freeze)
-    model.add_weighted_adapter(["a", "b"], weights, "m", combination_type=combination_type, density=density)
+    model.add_weighted_adapter(["a", "b"], weights, "m", combination_type=combination_type, density=density,
+                               **options)
     return {name[len("base_model.model."):]: (m.lora_A["m"].weight.detach(), m.lora_B["m"].weight.detach())
             for name, m in model.named_modules() if hasattr(m, "lora_A") and "m" in m.lora_A}
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties"])
-def test_variant_peft_equals_add_weighted_adapter(tmp_path, base_dir, same_rank, method, monkeypatch):
-    density = None if method == "linear" else 0.5
-    theirs = peft_merge(base_dir, same_rank, [0.7, -0.4], method, density, 3, monkeypatch)
-    summary = merge_adapters(same_rank, [0.7, -0.4], method, tmp_path / "m", density=density, seed=3,
-                             parameters={"variant": "peft"})
+# every combination type of peft 0.21, and its options: (type, svd_rank, {option: value}) -> the output rank
+PEFT_TYPES = [("linear", None, {}, 4), ("ties", None, {}, 4), ("dare_linear", None, {}, 4), ("dare_ties", None, {}, 4),
+              ("magnitude_prune", None, {}, 4), ("ties", None, {"majority_sign_method": "frequency"}, 4),
+              ("cat", None, {}, 8), ("svd", None, {}, 4), ("svd", 3, {"svd_clamp": 0.9}, 3),
+              ("ties_svd", None, {}, 4), ("dare_linear_svd", None, {}, 4),
+              ("dare_ties_svd", 5, {"majority_sign_method": "frequency", "svd_full_matrices": False}, 5),
+              ("magnitude_prune_svd", None, {}, 4)]
+
+
+@pytest.mark.parametrize("method,rank,options,r_out", PEFT_TYPES,
+                         ids=[f"{m}-{rank}-{'-'.join(o)}" for m, rank, o, _ in PEFT_TYPES])
+def test_variant_peft_equals_add_weighted_adapter(tmp_path, base_dir, same_rank, method, rank, options, r_out,
+                                                   monkeypatch):
+    density = None if method in ("linear", "cat", "svd") else 0.5
+    svd = {"svd_rank": rank} if rank else {}
+    theirs = peft_merge(base_dir, same_rank, [0.7, -0.4], method, density, 3, monkeypatch, **svd, **options)
+    summary = merge_adapters(same_rank, [0.7, -0.4], method, tmp_path / "m", rank=rank, density=density, seed=3,
+                             parameters={"variant": "peft", **options})
     ours = read_lora(tmp_path / "m")
-    assert ours.r == 4 and ours.scale == 1.0 and set(ours.layers) == set(theirs)
+    assert ours.r == r_out and ours.scale == 1.0 and set(ours.layers) == set(theirs)
     for name, (a, b) in theirs.items():
         assert (ours.layers[name][0] - a).abs().max() <= 1e-6, name
         assert (ours.layers[name][1] - b).abs().max() <= 1e-6, name
     if method == "linear":  # the cross terms: B A is not 0.7 dW_a - 0.4 dW_b
         assert summary["max_relative_error"] > 0.1
+    if method == "cat" or (method == "svd" and rank is None):  # exact: the sum of two rank-4 changes fits in 8;
+        assert summary["max_relative_error"] < (1e-6 if method == "cat" else 1.0)  # svd keeps 4 of its 8
+
+
+def test_variant_peft_refuses_what_peft_does_not_take(tmp_path, same_rank):
+    with pytest.raises(UserError, match="normalize do not exist in peft's add_weighted_adapter"):
+        merge_adapters(same_rank, [0.7, -0.4], "svd", tmp_path / "m", parameters={"variant": "peft", "normalize": 1})
+    with pytest.raises(UserError, match="svd_clamp must be a float"):
+        merge_adapters(same_rank, [0.7, -0.4], "svd", tmp_path / "m", parameters={"variant": "peft",
+                                                                                    "svd_clamp": "high"})
+    with pytest.raises(UserError, match="majority_sign_method='most' must be total or frequency"):
+        merge_adapters(same_rank, [0.7, -0.4], "ties", tmp_path / "m", density=0.5,
+                       parameters={"variant": "peft", "majority_sign_method": "most"})
+    with pytest.raises(UserError, match="is not one of them"):
+        merge_adapters(same_rank, [0.7, -0.4], "slerp", tmp_path / "m", parameters={"variant": "peft"})

@@ -177,17 +177,16 @@ def merge_adapters(folders: list[str | Path], weights: list[float], method: str,
     error of every layer."""
     from tunesmith.merge.registry import get_merge_method
 
+    if not folders:
+        raise UserError("Give at least one adapter folder to merge.")
+    parameters = dict(parameters or {})
+    if parameters.get("variant") == "peft":  # peft's combination types (peft_variants.PEFT_METHODS)
+        return merge_peft_variant(folders, weights, method, out_dir, rank, density, seed, parameters, base_model)
     if method not in ADAPTER_METHODS:
         why = (" (it acts on the whole weights W0 + dW, not on task vectors)"
                if method in ("slerp", "model_stock") else "")
         raise UserError(f"merge_method {method!r} cannot merge adapters into an adapter{why}; supported: "
-                        f"{', '.join(ADAPTER_METHODS)}.")
-    if not folders:
-        raise UserError("Give at least one adapter folder to merge.")
-    parameters = dict(parameters or {})
-    peft_variant = parameters.get("variant") == "peft"
-    if peft_variant:
-        return merge_peft_variant(folders, weights, method, out_dir, density, seed, parameters, base_model)
+                        f"{', '.join(ADAPTER_METHODS)} (and peft's combination types under variant: peft).")
     if rank is None and method not in EXACT_METHODS:
         raise UserError(f"merge_method {method} changes the weights entry by entry, so the merged change is no "
                         "longer low-rank: give `rank` to write it truncated by SVD (rank = min(out, in) is exact).")
@@ -234,18 +233,28 @@ def merge_adapters(folders: list[str | Path], weights: list[float], method: str,
     return summary
 
 
-def merge_peft_variant(folders, weights, method: str, out_dir, density, seed: int, parameters: dict,
-                       base_model: str | None) -> dict:
-    """variant: peft: the A and B factors combined separately as peft's add_weighted_adapter does
-    (peft_variants.py). The report's relative error is against the weighted sum of the changes,
-    sum_i w_i dW_i: the cross terms' share for linear."""
+PEFT_PARAMETERS = {"majority_sign_method": str, "svd_clamp": float, "svd_full_matrices": bool}
+
+
+def merge_peft_variant(folders, weights, method: str, out_dir, rank: int | None, density, seed: int,
+                       parameters: dict, base_model: str | None) -> dict:
+    """variant: peft: what peft's add_weighted_adapter(combination_type=method) writes (peft_variants.py); rank
+    is its svd_rank, and parameters may carry its majority_sign_method, svd_clamp and svd_full_matrices. The
+    report's relative error is against the weighted sum of the changes, sum_i w_i dW_i: the cross terms' share
+    for linear."""
     from tunesmith.merge.peft_variants import peft_factors
     from tunesmith.methods.io import PREFIX
 
-    other = sorted(set(parameters) - {"variant"})
+    other = sorted(set(parameters) - {"variant", *PEFT_PARAMETERS})
     if other:
-        raise UserError(f"variant: peft takes weights and density only ({', '.join(other)} do not exist in peft's "
-                        "add_weighted_adapter).")
+        raise UserError(f"variant: peft takes weights, density, rank (svd_rank) and {', '.join(PEFT_PARAMETERS)} "
+                        f"only ({', '.join(other)} do not exist in peft's add_weighted_adapter).")
+    bad = [k for k, kind in PEFT_PARAMETERS.items() if k in parameters and not isinstance(parameters[k], kind)
+           and not (kind is float and isinstance(parameters[k], int) and not isinstance(parameters[k], bool))]
+    if bad:
+        raise UserError(f"variant: peft: {', '.join(f'{k} must be a {PEFT_PARAMETERS[k].__name__}' for k in bad)}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UserError(f"rank={rank!r} must be a positive integer.")
     densities = set(density) if isinstance(density, (list, tuple)) else {density}
     if len(densities) != 1:
         raise UserError("variant: peft takes one density for all adapters, as peft's add_weighted_adapter does.")
@@ -257,14 +266,15 @@ def merge_peft_variant(folders, weights, method: str, out_dir, density, seed: in
     order = base.module_order() if method.startswith("dare") else None  # peft's draw order
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        factors = peft_factors(inputs, [float(w) for w in weights], method, densities.pop(), order)
+        factors, r_out = peft_factors(inputs, [float(w) for w in weights], method, densities.pop(), order, rank,
+                                      parameters.get("majority_sign_method", "total"), parameters.get("svd_clamp"),
+                                      parameters.get("svd_full_matrices", True))
     tensors, errors = {}, {}
     for name in shapes:
         a, b = factors[name]
         want = sum(w * x.low_rank(name) for x, w in zip(inputs, weights) if name in x.layers)
         errors[name] = relative_error(want, b.double() @ a.double())
         tensors[f"{PREFIX}{name}{A_KEY}"], tensors[f"{PREFIX}{name}{B_KEY}"] = a, b
-    r_out = inputs[0].r
     summary = {"method": method, "variant": "peft", "inputs": [str(x.folder) for x in inputs],
                "weights": [float(w) for w in weights], "mode": "peft", "output_kind": "lora", "r": r_out,
                "seed": seed, "relative_error_against": "sum_i w_i dW_i",
