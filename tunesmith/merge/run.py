@@ -26,12 +26,12 @@ from typing import Callable
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.merge import tensors
 from tunesmith.merge.config import InputModel, Recipe, evaluate_setting, layer_position, read_recipe
 from tunesmith.merge.dare import masks_ahead
-from tunesmith.merge import tensors
 from tunesmith.merge.registry import REQUIRED, MergeMethod, get_merge_method
-from tunesmith.merge.tensors import (TIED_HEAD, ModelTensors, ShardWriter, layer_index, release_freed_memory,
-                                     row_chunks)
+from tunesmith.merge.tensors import TIED_HEAD, ModelTensors, ShardWriter, layer_index, row_chunks
+from tunesmith.models.heap import release_freed_memory
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,10 @@ chunk) asked for, copy-on-write (mmap.ACCESS_COPY: a consumer writing into it ne
 file), and the mapping goes when the last tensor viewing it does. No bytes are copied: a 513 MiB
 file read in 16 MiB chunks and summed took 0.05 s mapped, 0.15-0.21 s through readinto. Mapping
 the whole file once (safe_open) would keep every page read resident and count all inputs in the
-peak RSS; a mapping per read counts only what is held. Writing knows every output name, dtype and shape before
-the first tensor is merged, so each shard's header is written first and the tensors are appended
-as they come; nothing is buffered. Shards and their index are named as transformers names them.
+peak RSS; a mapping per read counts only what is held. Writing knows every output name, dtype and
+shape before the first tensor is merged, so each shard's header is written first and the tensors
+are appended as they come; nothing is buffered. Shards and their index are named as transformers
+names them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ CHUNK_BYTES = 16 * 2**20  # a streamed merge reads and writes a tensor in row ch
 # 2 MiB 0.34-0.53 s, 1 MiB 0.42-0.52 s, 0.25 MiB 0.62-0.77 s (bench/merge.py's models, fresh processes)
 ELEMENTWISE_CHUNK_BYTES = 2 * 2**20
 READ_HOOK = None  # tests: called as READ_HOOK(name, nbytes) on every read, to see what a merge holds
-_LIBC = None  # release_freed_memory: the C library once looked up; False where it has no malloc_trim
 
 
 def row_chunks(shape: tuple, itemsize: int, chunk_bytes: int | None = None) -> list[slice | None]:
@@ -241,25 +241,6 @@ class ShardWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return self.files
-
-
-def release_freed_memory() -> None:
-    """Hand the memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing). The row chunks
-    (16 MiB: under glibc's mmap threshold once it has grown) come from the heap, and freed chunks stay resident
-    there; a merge calls this before it allocates a full-size buffer (TIES' sort) and after the merge loop, so
-    that what it freed is not counted twice in its peak."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # absent outside glibc (macOS, musl)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

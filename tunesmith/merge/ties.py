@@ -25,7 +25,7 @@ import torch
 
 from tunesmith.merge.registry import MergeMethod, Param
 from tunesmith.merge.task_arithmetic import flat_span, gta_params, mask_plan, rescaled, task_arithmetic_frame
-from tunesmith.merge.tensors import release_freed_memory
+from tunesmith.models.heap import release_freed_memory
 
 PAPER_DENSITY = 0.2  # k = 20%, TIES Section 6 ("we keep the top-20% values")
 
