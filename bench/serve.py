@@ -14,7 +14,12 @@ tokens over wall time, the median of --repeats runs. Strategies:
     peft-N          PEFT's mixed batch: PeftModel with N adapters, generate(..., adapter_names=[...]) (peft needed)
     poisson         --poisson-requests arriving at --rate per second (exponential gaps, seed 0), over 16 adapters,
                     served by continuous batching and by static batching (a new batch only when the last one is
-                    done); throughput and time to first token p50/p95
+                    done); throughput and time to first token p50/p95. Each load of --loads: output lengths
+                    fixed (--output-len), mixed (uniform from a quarter to four times it) or tailed (exponential,
+                    with mixed's mean, capped at 16 times --output-len: a few long answers among many short ones,
+                    as chat traffic has)
+
+    .venv-test/bin/python bench/serve.py --poisson-only --loads tailed      # one Poisson load alone
 
 Adapters are LoRA r 16 on every linear layer with random nonzero B (the adapters' values do not change the cost).
 Targets the issue sets (docs/serving.md): mixed-4/16 >= 0.8x base; >= 2x per-adapter-4 and >= 4x per-adapter-16;
@@ -175,8 +180,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each strategy and Poisson load; the "
                         "median is reported (default 3)")
     parser.add_argument("--no-peft", action="store_true", help="leave out PEFT's adapter_names batches")
+    parser.add_argument("--poisson-only", action="store_true", help="only the Poisson loads (no strategies, no PEFT)")
+    parser.add_argument("--loads", default="fixed,mixed,tailed",
+                        help="Poisson loads by output lengths, comma-separated: fixed, mixed, tailed (default all)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    args.loads = [x.strip() for x in args.loads.split(",") if x.strip()]
+    if not args.loads or set(args.loads) - set(LOADS):
+        parser.error(f"--loads {','.join(args.loads)}: choose from {', '.join(LOADS)}")
     if args.tiny:
         args.requests, args.prompt_len, args.output_len = min(args.requests, 16), 16, 8
         args.poisson_requests, args.rate = min(args.poisson_requests, 16), 200.0
@@ -198,9 +209,12 @@ def main() -> None:
 def run(args, compute, model, tok, name, folders) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compute.call(model.to, device)
-    engine = build_engine(compute, model, tok, folders, batch=args.requests)
     results: dict = {"device": device, "requests": args.requests, "prompt_len": args.prompt_len,
                      "output_len": args.output_len}
+    if args.poisson_only:
+        results["poisson"] = poisson(args, compute, model, tok, folders)
+        return results
+    engine = build_engine(compute, model, tok, folders, batch=args.requests)
     try:
         serve(engine, requests(args, [None], 2))  # warm-up
         runs: dict[str, list[float]] = {}
@@ -233,15 +247,25 @@ def run(args, compute, model, tok, name, folders) -> dict:
     return results
 
 
+LOADS = ("fixed", "mixed", "tailed")
+
+
+def output_lengths(args) -> dict[str, list[int]]:
+    """Each load's output lengths (seed 0): fixed --output-len; mixed uniform in [--output-len / 4, 4 x
+    --output-len]; tailed 1 + an exponential draw with mixed's mean, at most 16 x --output-len."""
+    n, low, high = args.poisson_requests, max(1, args.output_len // 4), 4 * args.output_len
+    mean = (low + high) / 2
+    tailed = torch.empty(n).exponential_(1 / (mean - 1), generator=torch.Generator().manual_seed(0))
+    return {"fixed": [args.output_len] * n,
+            "mixed": torch.randint(low, high + 1, (n,), generator=torch.Generator().manual_seed(0)).tolist(),
+            "tailed": (1 + tailed.round().long()).clamp(max=16 * args.output_len).tolist()}
+
+
 def poisson(args, compute, model, tok, folders) -> dict:
-    """Continuous against static batching under the same Poisson arrivals over 16 adapters, twice: every request
-    making --output-len tokens, and output lengths drawn uniformly from [--output-len / 4, 4 x --output-len]
-    (seed 0; the same draws for both schedulers), as requests of real traffic differ."""
+    """Continuous against static batching under the same Poisson arrivals over 16 adapters, once per load of
+    --loads (output_lengths; the same requests for both schedulers), as requests of real traffic differ."""
     gaps = torch.distributions.Exponential(args.rate).sample((args.poisson_requests,)).tolist()
-    g = torch.Generator().manual_seed(0)
-    low, high = max(1, args.output_len // 4), 4 * args.output_len
-    lengths = {"fixed": [args.output_len] * args.poisson_requests,
-               "mixed": torch.randint(low, high + 1, (args.poisson_requests,), generator=g).tolist()}
+    lengths = {load: lens for load, lens in output_lengths(args).items() if load in args.loads}
     out = {}
     for load, lens in lengths.items():
         reqs = requests(args, [f"a{i}" for i in range(16)], args.poisson_requests)
@@ -261,32 +285,34 @@ def poisson(args, compute, model, tok, folders) -> dict:
         for label, results in runs.items():  # the run of median throughput
             results.sort(key=lambda r: r["tokens_per_s"])
             out[f"{load}-{label}"] = {**results[len(results) // 2], "runs": [r["tokens_per_s"] for r in results]}
-    out["mixed_lengths"] = [low, high, sum(lengths["mixed"]) / len(lengths["mixed"])]
+    out["lengths"] = {load: [min(lens), max(lens), sum(lens) / len(lens)] for load, lens in lengths.items()}
     return out
 
 
 def table(r: dict, args) -> str:
-    base = r["base"]
     rows = [f"device {r['device']}; {r['requests']} requests, prompt {r['prompt_len']} tokens, output "
-            f"{r['output_len']} tokens, greedy", "", "| strategy | tokens/s | vs base |", "|---|---|---|"]
-    for key in ("base", "mixed-1", "mixed-4", "mixed-16", "per-adapter-4", "per-adapter-16", "peft-4", "peft-16"):
-        if key in r:
-            rows.append(f"| {key} | {r[key]:.1f} | {r[key] / base:.2f}x |")
-    ratios = [("mixed-4 / per-adapter-4", "mixed-4", "per-adapter-4"), ("mixed-16 / per-adapter-16", "mixed-16",
-              "per-adapter-16"), ("mixed-16 / peft-16", "mixed-16", "peft-16"), ("mixed-16 / mixed-1", "mixed-16",
-              "mixed-1")]
-    rows += [""] + [f"{label}: {r[a] / r[b]:.2f}x" for label, a, b in ratios if a in r and b in r]
+            f"{r['output_len']} tokens, greedy", ""]
+    if "base" in r:
+        base = r["base"]
+        rows += ["| strategy | tokens/s | vs base |", "|---|---|---|"]
+        for key in ("base", "mixed-1", "mixed-4", "mixed-16", "per-adapter-4", "per-adapter-16", "peft-4", "peft-16"):
+            if key in r:
+                rows.append(f"| {key} | {r[key]:.1f} | {r[key] / base:.2f}x |")
+        ratios = [("mixed-4 / per-adapter-4", "mixed-4", "per-adapter-4"), ("mixed-16 / per-adapter-16", "mixed-16",
+                  "per-adapter-16"), ("mixed-16 / peft-16", "mixed-16", "peft-16"), ("mixed-16 / mixed-1", "mixed-16",
+                  "mixed-1")]
+        rows += [""] + [f"{label}: {r[a] / r[b]:.2f}x" for label, a, b in ratios if a in r and b in r] + [""]
     p = r["poisson"]
-    low, high, mean = p["mixed_lengths"]
-    rows += ["", f"Poisson load, {args.poisson_requests} requests at {args.rate}/s over 16 adapters; output lengths "
-             f"fixed ({args.output_len}) or mixed (uniform {low}-{high}, mean {mean:.0f}):", "",
-             "| output lengths | batching | tokens/s | TTFT p50 (s) | TTFT p95 (s) |", "|---|---|---|---|---|"]
-    for load in ("fixed", "mixed"):
-        rows += [f"| {load} | {b} | {p[f'{load}-{b}']['tokens_per_s']:.1f} | {p[f'{load}-{b}']['ttft_p50']:.3f} | "
-                 f"{p[f'{load}-{b}']['ttft_p95']:.3f} |" for b in ("continuous", "static")]
+    rows += [f"Poisson load, {args.poisson_requests} requests at {args.rate}/s over 16 adapters:", "",
+             "| output lengths (min-max, mean) | batching | tokens/s | TTFT p50 (s) | TTFT p95 (s) | runs |",
+             "|---|---|---|---|---|---|"]
+    for load, (low, high, mean) in p["lengths"].items():
+        rows += [f"| {load} ({low}-{high}, {mean:.0f}) | {b} | {p[f'{load}-{b}']['tokens_per_s']:.1f} | "
+                 f"{p[f'{load}-{b}']['ttft_p50']:.3f} | {p[f'{load}-{b}']['ttft_p95']:.3f} | "
+                 f"{', '.join(f'{x:.1f}' for x in p[f'{load}-{b}']['runs'])} |" for b in ("continuous", "static")]
     rows += [f"continuous / static, {load} lengths: "
              f"{p[f'{load}-continuous']['tokens_per_s'] / p[f'{load}-static']['tokens_per_s']:.2f}x"
-             for load in ("fixed", "mixed")]
+             for load in p["lengths"]]
     return "\n".join(rows)
 
 
