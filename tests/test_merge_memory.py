@@ -118,7 +118,8 @@ def test_ties_threshold_keeps_the_entries_argsort_keeps(kind, monkeypatch):
 def test_a_read_is_a_private_mapping_that_writing_into_never_changes_the_file(tmp_path):
     from safetensors.torch import save_file
 
-    weight = torch.arange(4096 * 3, dtype=torch.float32).reshape(3, 4096)  # rows of 16 KiB: page-aligned and not
+    weight = torch.arange(4096 * 3, dtype=torch.float32).reshape(3, 4096)  # rows of 16 KiB, after "a" and the
+    # header: no read starts on a page boundary, so each mapping starts at the page below its first byte
     save_file({"a": torch.ones(5), "w": weight}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     files = tensors.ModelTensors(tmp_path)
