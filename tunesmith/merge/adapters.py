@@ -182,16 +182,7 @@ def merge_adapters(folders: list[str | Path], weights: list[float], method: str,
     parameters = dict(parameters or {})
     if parameters.get("variant") == "peft":  # peft's combination types (peft_variants.PEFT_METHODS)
         return merge_peft_variant(folders, weights, method, out_dir, rank, density, seed, parameters, base_model)
-    if method not in ADAPTER_METHODS:
-        why = (" (it acts on the whole weights W0 + dW, not on task vectors)"
-               if method in ("slerp", "model_stock") else "")
-        raise UserError(f"merge_method {method!r} cannot merge adapters into an adapter{why}; supported: "
-                        f"{', '.join(ADAPTER_METHODS)} (and peft's combination types under variant: peft).")
-    if rank is None and method not in EXACT_METHODS:
-        raise UserError(f"merge_method {method} changes the weights entry by entry, so the merged change is no "
-                        "longer low-rank: give `rank` to write it truncated by SVD (rank = min(out, in) is exact).")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise UserError(f"rank={rank!r} must be a positive integer.")
+    check_method_and_rank(method, rank)
     spec = get_merge_method(method)
     base = BaseWeights(base_model or recorded_base(folders))
     inputs = [read_adapter(f, base) for f in folders]
@@ -233,6 +224,24 @@ def merge_adapters(folders: list[str | Path], weights: list[float], method: str,
     return summary
 
 
+def check_method_and_rank(method: str, rank: int | None) -> None:
+    """UserError unless `method` merges adapters on their changes and `rank` fits it (unset: an exact method)."""
+    if method not in ADAPTER_METHODS:
+        why = (" (it acts on the whole weights W0 + dW, not on task vectors)"
+               if method in ("slerp", "model_stock") else "")
+        raise UserError(f"merge_method {method!r} cannot merge adapters into an adapter{why}; supported: "
+                        f"{', '.join(ADAPTER_METHODS)} (and peft's combination types under variant: peft).")
+    if rank is None and method not in EXACT_METHODS:
+        raise UserError(f"merge_method {method} changes the weights entry by entry, so the merged change is no "
+                        "longer low-rank: give `rank` to write it truncated by SVD (rank = min(out, in) is exact).")
+    check_rank(rank)
+
+
+def check_rank(rank) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UserError(f"rank={rank!r} must be a positive integer.")
+
+
 PEFT_PARAMETERS = {"majority_sign_method": str, "svd_clamp": float, "svd_full_matrices": bool}
 
 
@@ -253,8 +262,7 @@ def merge_peft_variant(folders, weights, method: str, out_dir, rank: int | None,
            and not (kind is float and isinstance(parameters[k], int) and not isinstance(parameters[k], bool))]
     if bad:
         raise UserError(f"variant: peft: {', '.join(f'{k} must be a {PEFT_PARAMETERS[k].__name__}' for k in bad)}.")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise UserError(f"rank={rank!r} must be a positive integer.")
+    check_rank(rank)
     densities = set(density) if isinstance(density, (list, tuple)) else {density}
     if len(densities) != 1:
         raise UserError("variant: peft takes one density for all adapters, as peft's add_weighted_adapter does.")
