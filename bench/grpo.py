@@ -206,10 +206,10 @@ def run_tunesmith_grpo(work: Path, s: dict, skip_flat: bool) -> dict:
     import torch
 
     from tunesmith.commands.train import apply_method, load_run
-    from tunesmith.objectives import grpo
+    from tunesmith.objectives import grpo_rollout
     from tunesmith.train.loop import train as train_loop
 
-    grpo.SKIP_FLAT = skip_flat
+    grpo_rollout.SKIP_FLAT = skip_flat
     cfg = tunesmith_config(work, s, "grpo")
     shutil.rmtree(cfg.output.dir, ignore_errors=True)
     run_dir, model, tokenizer, data, obj = load_run(cfg)

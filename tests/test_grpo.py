@@ -14,7 +14,7 @@ from tunesmith.config import ObjectiveConfig, build_config
 from tunesmith.data.dataset import collate as _unused  # noqa: F401 (the loop's module graph, imported once)
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.methods.registry import switch_adapters_off
-from tunesmith.objectives import grpo
+from tunesmith.objectives import grpo, grpo_rollout
 from tunesmith.rl.rewards import Reward
 from tunesmith.train.checkpoint import checkpoint_tensors
 from tunesmith.train.loop import rollout_generator, train
@@ -83,13 +83,13 @@ def window_gradient(model, obj, batches):
 
 
 def as_loss_type(obj, batches, loss_type):
-    """The batches and objective of another loss type: only the units differ (grpo.batch_units)."""
+    """The batches and objective of another loss type: only the units differ (grpo_rollout.batch_units)."""
     opts = obj.loss.keywords["opts"].model_copy(update={"loss_type": loss_type})
     out = []
     for b in batches:
         seqs = int(b["skipped_sequences"]) + (b["input_ids"].shape[0] if "input_ids" in b else 0)
         tokens = int(b["skipped_tokens"]) + (int(b["completion_mask"].sum()) if "input_ids" in b else 0)
-        out.append({**b, "units": torch.tensor(grpo.batch_units(loss_type, seqs, tokens))})
+        out.append({**b, "units": torch.tensor(grpo_rollout.batch_units(loss_type, seqs, tokens))})
     return grpo.bind(opts, [], None, None), out
 
 
@@ -103,7 +103,7 @@ def test_flat_groups_are_skipped_and_the_gradient_is_unchanged(monkeypatch):
     assert all(b["input_ids"].shape[0] == G for b in skipped)
     stats = sum(float(b["stat/frac_reward_zero_std"]) for b in skipped) / sum(obj.units(b) for b in skipped)
     assert stats == pytest.approx(0.5)
-    monkeypatch.setattr(grpo, "SKIP_FLAT", False)
+    monkeypatch.setattr(grpo_rollout, "SKIP_FLAT", False)
     kept = obj.rollout(model, window(data), 0, rollout_generator(0, 0))
     assert all(b["input_ids"].shape[0] == 2 * G and int(b["skipped_sequences"]) == 0 for b in kept)
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):

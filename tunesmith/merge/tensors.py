@@ -35,9 +35,9 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 CHUNK_BYTES = 16 * 2**20  # a streamed merge reads and writes a tensor in row chunks of about this size
-# ... and an elementwise one (linear, task arithmetic) in smaller ones: its inputs' chunks and the result, four passes over
-# them, stay in the CPU's cache. A linear merge of three models of the default size: 16 MiB 0.66-0.89 s,
-# 2 MiB 0.34-0.53 s, 1 MiB 0.42-0.52 s, 0.25 MiB 0.62-0.77 s (bench/merge.py's models, fresh processes)
+# ... and an elementwise one (linear, task arithmetic) in smaller ones: its inputs' chunks and the result, four
+# passes over them, stay in the CPU's cache. A linear merge of three models of the default size: 16 MiB
+# 0.66-0.89 s, 2 MiB 0.34-0.53 s, 1 MiB 0.42-0.52 s, 0.25 MiB 0.62-0.77 s (bench/merge.py's models, fresh processes)
 ELEMENTWISE_CHUNK_BYTES = 2 * 2**20
 READ_HOOK = None  # tests: called as READ_HOOK(name, nbytes) on every read, to see what a merge holds
 

@@ -127,7 +127,7 @@ def token_losses(logps, old_logps, advantages, values, old_values, returns, epsi
 class Rollouts:
     """objective.rollout: a step's window of prompts -> its minibatch of scored samples (module docstring).
 
-    `run` (grpo.Run: tokenizer, numbered training examples, pad id, output.dir, stop ids) is bound by bind_run."""
+    `run` (grpo_rollout.Run: tokenizer, numbered training examples, pad id, output.dir, stop ids) is bound by bind_run."""
 
     def __init__(self, opts, rewards: list, reference, run=None):
         self.opts, self.rewards, self.reference, self.run = opts, rewards, reference, run
@@ -141,7 +141,7 @@ class Rollouts:
         if self.run is None:
             raise UserError("objective.name=ppo needs its run context (tokenizer, rows): train through the train "
                             "command, or bind it with bind_run.")
-        from tunesmith.objectives.grpo import check_whole
+        from tunesmith.objectives.grpo_rollout import check_whole
 
         check_whole(model)
         first = step - step % self.steps
@@ -169,7 +169,7 @@ class Rollouts:
         processes are then gathered in one process's order (rl/shards.py), and the per-token rewards, GAE and the
         whitening over the whole rollout run on every process alike: the buffer is the global rollout, and each
         process trains on its share of every micro-batch (minibatch)."""
-        from tunesmith.objectives.grpo import draw, prompt_seed
+        from tunesmith.objectives.grpo_rollout import draw, prompt_seed
         from tunesmith.rl.shards import gather_in_order
 
         o, run, g = self.opts, self.run, self.opts.num_generations
