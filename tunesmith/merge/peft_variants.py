@@ -82,8 +82,10 @@ def combine(method: str, tensors: list[torch.Tensor], weights: list[float], dens
     return (stacked * w * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 
-def concatenated(present, weights: list[float], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cat: (A, B) of rank `rank` (the sum over all inputs), the present inputs' rows first, zeros after."""
+def peft_cat(present, weights: list[float], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cat: (A, B) of rank `rank` (the sum over all inputs), the present inputs' rows first, zeros after. The same
+    product as adapters.concatenated (the exact merge), but with peft's bits: w_i s_i on A, not on B, and the
+    missing inputs' zero blocks last, not in place."""
     a = torch.cat([x_a * w * x.scale for (x, (x_a, _)), w in zip(present, weights)], dim=0)
     b = torch.cat([x_b for _, (_, x_b) in present], dim=1)
     a_out, b_out = a.new_zeros(rank, a.shape[1]), b.new_zeros(b.shape[0], rank)
@@ -92,7 +94,8 @@ def concatenated(present, weights: list[float], rank: int) -> tuple[torch.Tensor
 
 
 def svd_factors(delta: torch.Tensor, rank: int, clamp: float | None, full_matrices: bool):
-    """(A, B) = (V_r^T, U_r S_r) of the merged change, clipped to its clamp-quantile when asked (peft's svd_clamp)."""
+    """(A, B) = (V_r^T, U_r S_r) of the merged change, clipped to its clamp-quantile when asked (peft's svd_clamp).
+    adapters.truncated is tunesmith's own truncation: in fp64, S split as S^(1/2) on each factor."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
     b, a = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]
     if clamp is not None:
@@ -133,7 +136,7 @@ def peft_factors(inputs, weights: list[float], method: str, density: float | Non
         present = [(x, x.layers[name]) for x in inputs if name in x.layers]
         present_weights = [w for x, w in zip(inputs, weights) if name in x.layers]
         if method == "cat":
-            out[name] = concatenated(present, present_weights, r)
+            out[name] = peft_cat(present, present_weights, r)
         elif method in SVD_METHODS:
             deltas = [(b @ a) * x.scale for x, (a, b) in present]  # peft's get_delta_weight, in its order
             on_deltas = "linear" if method == "svd" else method.removesuffix("_svd")  # svd: peft's task_arithmetic
