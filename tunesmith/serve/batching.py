@@ -21,9 +21,12 @@ padded keys get exactly zero attention weight):
     decode:  ids (B, 1) = each row's last token;  positions (B, 1) = L_i;  mask (B, L + 1)
              logits, cache = model(ids, mask, positions, cache)          the cache grows to L + 1
     prefill: prompts left-padded to the longest, P; mask (n, P); positions = cumsum(mask) - 1
-    join:    prefilled rows (n, H, P, D) and the batch (B, H, L, D) are left-padded to max(L, P)
-             and concatenated (B + n rows)
-    leave:   index_select the rows that stay; columns that are padding in every row are dropped
+    join:    prefilled rows (n, H, P, D) become rows B..B+n-1, their last column at the batch's last
+             (the batch widens to max(L, P))
+    leave:   the last rows move into the holes; columns that are padding in every row are dropped
+
+The cache is written in place (kv_batch.py): a decode step writes its one new column into buffers with
+room to spare, where transformers' own cache would copy the whole cache to append it.
 
 Rows use different adapters in the same forward: mixed.py routes row i through its own adapter.
 Sampling is per request (pick(): greedy, or temperature and top_p with the request's own seeded
@@ -279,36 +282,42 @@ class BatchingEngine(Engine):
         return out[self.cache_arg] if self.cache_arg in out else out.past_key_values
 
     def _join(self, seqs: list[Sequence], cache, mask, rows: list[int]) -> None:
-        """Add prefilled sequences (rows `rows` of `cache` and `mask`) as the last rows of the batch: both sides
-        left-padded to the longer length, then stacked."""
+        """Add prefilled sequences (rows `rows` of `cache` and `mask`) as the last rows of the batch, their last
+        column at the batch's last column (kv_batch.py writes them into the batch's buffers)."""
+        from tunesmith.serve.kv_batch import SlotLayer
+
         torch = self._torch
+        pairs = kv_tensors(cache)
         if len(rows) < mask.shape[0]:
             index = torch.tensor(rows, device=self.device)
             mask = mask.index_select(0, index)
-            set_kv_tensors(cache, [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv_tensors(cache)])
+            pairs = [(k.index_select(0, index), v.index_select(0, index)) for k, v in pairs]
         if self.cache is None:
+            cache.layers = [SlotLayer(k, v, self.max_batch_size) for k, v in pairs]
             self.cache, self.mask, self.running = cache, mask, list(seqs)
             return
+        for layer, (k, v) in zip(self.cache.layers, pairs):
+            layer.append_rows(k, v)
         width = max(self.mask.shape[1], mask.shape[1])
-        set_kv_tensors(self.cache, [tuple(torch.cat([left_pad(a, width), left_pad(b, width)]) for a, b in zip(x, y))
-                                    for x, y in zip(kv_tensors(self.cache), kv_tensors(cache))])
         self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)])
         self.running += seqs
 
     def _leave(self, rows: list[int]) -> None:
-        """Drop these rows of the batch; then the columns that are padding in every remaining row."""
-        gone = set(rows)
-        keep = [i for i in range(len(self.running)) if i not in gone]
-        self.running = [self.running[i] for i in keep]
-        if not keep:
+        """Drop these rows of the batch (the last rows move into their places); then the columns that are
+        padding in every remaining row."""
+        from tunesmith.serve.kv_batch import swap_remove
+
+        order, moves = swap_remove(len(self.running), rows)
+        self.running = [self.running[i] for i in order]
+        if not order:
             self._reset()
             return
-        index = self._torch.tensor(keep, device=self.device)
-        mask = self.mask.index_select(0, index)
+        mask = self.mask[order]
         first = int(mask.any(0).nonzero()[0])  # the first column some row uses
         self.mask = mask[:, first:]
-        set_kv_tensors(self.cache, [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                                    for k, v in kv_tensors(self.cache)])
+        for layer in self.cache.layers:
+            layer.move_rows(moves, len(order))
+            layer.drop_columns(first)
 
     def _check_cache(self) -> None:
         """The model's KV cache must be a plain per-layer (B, H, L, D) cache (no sliding window): UserError if not."""
@@ -340,16 +349,5 @@ def left_pad(t, width: int, dim: int = 2):
 
 
 def kv_tensors(cache) -> list[tuple]:
-    """[(keys, values)] per layer, each (B, H, L, D), of a transformers DynamicCache (5.x layers or 4.x lists)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def set_kv_tensors(cache, pairs: list[tuple]) -> None:
-    if hasattr(cache, "layers"):
-        for layer, (k, v) in zip(cache.layers, pairs):
-            layer.keys, layer.values = k, v
-        return
-    cache.key_cache[:] = [k for k, _ in pairs]
-    cache.value_cache[:] = [v for _, v in pairs]
+    """[(keys, values)] per layer, each (B, H, L, D), of a transformers DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
