@@ -12,7 +12,7 @@ tokens over wall time, the median of --repeats runs. Strategies:
     mixed-N         the requests spread round-robin over N adapters, one mixed batch (N = 1, 4, 16)
     per-adapter-N   one batch per adapter in turn (the requests of adapter 1, then of adapter 2, ...)
     peft-N          PEFT's mixed batch: PeftModel with N adapters, generate(..., adapter_names=[...]) (peft needed)
-    poisson         --poisson-requests arriving at --rate per second (exponential gaps, seed 0), over 16 adapters,
+    poisson         --poisson-requests arriving at --rate per second (exponential gaps, seed 1), over 16 adapters,
                     served by continuous batching and by static batching (a new batch only when the last one is
                     done); throughput and time to first token p50/p95. Each load of --loads: output lengths
                     fixed (--output-len), mixed (uniform from a quarter to four times it) or tailed (exponential,
@@ -264,7 +264,10 @@ def output_lengths(args) -> dict[str, list[int]]:
 def poisson(args, compute, model, tok, folders) -> dict:
     """Continuous against static batching under the same Poisson arrivals over 16 adapters, once per load of
     --loads (output_lengths; the same requests for both schedulers), as requests of real traffic differ."""
-    gaps = torch.distributions.Exponential(args.rate).sample((args.poisson_requests,)).tolist()
+    # arrival gaps from their own generator (seed 1: not the tailed lengths' draws), so the arrivals are the same
+    # whichever strategies ran before
+    gaps = torch.empty(args.poisson_requests).exponential_(args.rate, generator=torch.Generator().manual_seed(1))
+    gaps = gaps.tolist()
     lengths = {load: lens for load, lens in output_lengths(args).items() if load in args.loads}
     out = {}
     for load, lens in lengths.items():

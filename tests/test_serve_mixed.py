@@ -187,3 +187,35 @@ def test_a_change_that_cannot_be_routed_per_row_is_refused_and_the_base_kept(fol
     with pytest.raises(NotMixable, match="--engine serial"):
         mixer.install()
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # nothing laid over: the plain base
+
+
+def test_gathered_rows_kept_between_routings_equal_a_fresh_gather(folders):
+    """MixedModule._gather copies only the rows whose adapter changed (appended rows, a row moved into a hole,
+    scattered changes, fewer rows); each forward equals one whose stacks are gathered afresh, bit for bit."""
+    from tunesmith.serve.mixed import MixedModule
+
+    names = folders.need("lora")
+    kept_model, _, kept_mixer = mixed_model(folders, names)
+    fresh_model, _, fresh_mixer = mixed_model(folders, names)
+    kept_modules = [m for m in kept_model.modules() if isinstance(m, MixedModule)]
+    fresh_modules = [m for m in fresh_model.modules() if isinstance(m, MixedModule)]
+    routings = [[names[0], names[1]],  # a first gather
+                [names[0], names[1], names[2], None],  # rows appended, past the buffers' rows: new buffers
+                [names[0], None, names[2]],  # the last row moved into the hole of row 1
+                [names[3], None, names[1]],  # rows 0 and 2 changed: two copies apart
+                [names[3], names[2]]]  # fewer rows, one changed
+    ids = torch.tensor([[5, 9, 33, 70, 2]])
+    buffers = []
+    for rows in routings:
+        kept_mixer.route(rows, "cpu")
+        for m in fresh_modules:
+            m._rows_at = None  # forget what was gathered: every row again
+        fresh_mixer.route(rows, "cpu")
+        with torch.no_grad():
+            kept = kept_model(input_ids=ids.repeat(len(rows), 1)).logits
+            fresh = fresh_model(input_ids=ids.repeat(len(rows), 1)).logits
+        assert torch.equal(kept, fresh), rows
+        assert kept_modules[0]._held[:len(rows)] == kept_mixer.router.slots
+        buffers.append(kept_modules[0]._rows_at)
+    assert buffers[1] is not buffers[0] and all(b is buffers[1] for b in buffers[2:])  # kept from routing 2 on
+    assert not torch.allclose(kept[0], kept[1], atol=1e-3)  # the rows' adapters differ
