@@ -37,8 +37,10 @@ by float rounding (s folded into B; 1e-7 relative), which never changed a greedy
 The stacks copy the LoRA matrices once more (an adapter's size again per loaded LoRA adapter). What
 each layer does for the current rows (the gathered stacks of the rows, a single slice, the grouped
 modules) is planned once per routing and kept while the rows stay the same: decode steps between two
-joins or leaves gather nothing. The gathered stacks hold one adapter's LoRA matrices per row (16 rows
-of r 16 adapters on every linear layer of the default model: 310 MB), freed at the next routing.
+joins or leaves gather nothing, and a new routing copies only the rows whose adapter changed (a join
+appends rows, a leave moves the last row into the hole). The gathered stacks hold one adapter's LoRA
+matrices per row (16 rows of r 16 adapters on every linear layer of the default model: 310 MB), kept
+(with room for up to twice the rows seen) while the adapters loaded stay the same.
 
 A grouped update is the very code `tunesmith generate --adapter` runs for that adapter on those rows;
 with the LoRA paths above, greedy answers agree token for token (fp32) with each adapter alone
