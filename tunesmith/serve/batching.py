@@ -328,7 +328,7 @@ class BatchingEngine(Engine):
                              **{self.cache_arg: None})
         cache = self._cache_of(out)
         layers = getattr(cache, "layers", None)
-        if cache is None or (layers is not None and any(type(x).__name__ != "DynamicLayer" for x in layers)):
+        if layers is None or any(type(x).__name__ != "DynamicLayer" for x in layers):
             raise UserError(f"This model's KV cache ({type(cache).__name__}) cannot be batched by tunesmith serve "
                             "yet; serve it with --engine serial.")
 
