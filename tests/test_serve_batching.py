@@ -206,3 +206,18 @@ def test_a_failed_step_answers_every_request_in_it_and_the_engine_keeps_serving(
     first, (_, _, after) = answers(e, None, run)
     assert [f.reason for _, _, f in first] == ["error", "error"] and "device lost" in first[0][2].error
     assert after.reason == "length" and after.completion_tokens == 4 and e.stats["errors"] == 2
+
+
+def test_a_model_with_sliding_window_layers_is_refused_with_the_serial_engine_named():
+    """Its cache layers drop old columns, which the batch's in-place cache (kv_batch.py) does not do."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tunesmith.errors import UserError
+    from tunesmith.serve.adapters import AdapterRegistry
+    from tunesmith.serve.batching import BatchingEngine
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=64)
+    model = MistralForCausalLM(config).eval().requires_grad_(False)
+    with pytest.raises(UserError, match="--engine serial"):
+        BatchingEngine(model, build_tiny_tokenizer(), AdapterRegistry(model, "base", max_loaded=1))
