@@ -167,12 +167,11 @@ def evaluation(before: dict | None, after: dict, resamples: int, seed: int) -> d
 def train_embedder(cfg: EmbedConfig) -> dict:
     """The whole run (module doc); returns the summary written to summary.json."""
     from tunesmith.commands.train import prepare_run_dir
-    from tunesmith.embed.encoder import load_encoder, resolve_encoder_folder
+    from tunesmith.embed.encoder import resolve_encoder_folder
     from tunesmith.embed.objective import make_objective
     from tunesmith.methods.inject import count_parameters
     from tunesmith.methods.registry import describe_method, get_method
     from tunesmith.models.loading import resolve_device
-    from tunesmith.train.loop import MetricsLog
     from tunesmith.train.loop import train as train_loop
     from tunesmith.train.threads import set_cpu_threads
     from tunesmith.train.trackers import Trackers
@@ -182,9 +181,7 @@ def train_embedder(cfg: EmbedConfig) -> dict:
     data = load_data(cfg)
     trackers = Trackers(cfg, cfg.output.dir)
     run_dir = prepare_run_dir(cfg)
-    encoder = load_encoder(cfg.model.name_or_path, cfg.model.device)
-    if cfg.data.max_seq_len:
-        encoder.max_seq_length = cfg.data.max_seq_len
+    encoder = _encoder(cfg)
     e = cfg.eval
     dims = cfg.objective.matryoshka_dims
     log.info("data: %s", data.describe())
@@ -221,16 +218,31 @@ def train_embedder(cfg: EmbedConfig) -> dict:
             "best_validation": keeper.best if keeper else None, "evaluation": scores, "worse_than_base": worse,
         }
         if scores is not None:
-            record = {"step": state.step, **_flat(scores)}
-            MetricsLog(run_dir / "metrics.jsonl", state.step).write(record)
-            trackers.log_evaluation({"steps": state.step, "before": _main(scores, "before"),
-                                     "after": _main(scores, "after")})
+            _record_evaluation(run_dir, state.step, scores, trackers)
     finally:
         trackers.close()
     summary.update(export(encoder, method, cfg, run_dir, data, worse, resolve_encoder_folder(cfg.model.name_or_path)))
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "report.md", report(summary))
     return summary
+
+
+def _encoder(cfg: EmbedConfig):
+    """The encoder to fine-tune, its sequence length cut to data.max_seq_len when that is set."""
+    from tunesmith.embed.encoder import load_encoder
+
+    encoder = load_encoder(cfg.model.name_or_path, cfg.model.device)
+    if cfg.data.max_seq_len:
+        encoder.max_seq_length = cfg.data.max_seq_len
+    return encoder
+
+
+def _record_evaluation(run_dir, step: int, scores: dict, trackers) -> None:
+    """The scores as a line of metrics.jsonl and, before and after, to the trackers."""
+    from tunesmith.train.loop import MetricsLog
+
+    MetricsLog(run_dir / "metrics.jsonl", step).write({"step": step, **_flat(scores)})
+    trackers.log_evaluation({"steps": step, "before": _main(scores, "before"), "after": _main(scores, "after")})
 
 
 def _worse_than_base(scores: dict | None) -> bool:
