@@ -207,7 +207,7 @@ def test_rng_states_round_trip_python_numpy_torch(tmp_path):
 
 def test_metrics_log_survives_a_kill_mid_line(tmp_path):
     """A line cut short by a kill is past the checkpoint; resuming drops it instead of crashing."""
-    from tunesmith.train.loop import MetricsLog
+    from tunesmith.train.metrics_log import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

@@ -239,7 +239,7 @@ def _encoder(cfg: EmbedConfig):
 
 def _record_evaluation(run_dir, step: int, scores: dict, trackers) -> None:
     """The scores as a line of metrics.jsonl and, before and after, to the trackers."""
-    from tunesmith.train.loop import MetricsLog
+    from tunesmith.train.metrics_log import MetricsLog
 
     MetricsLog(run_dir / "metrics.jsonl", step).write({"step": step, **_flat(scores)})
     trackers.log_evaluation({"steps": step, "before": _main(scores, "before"), "after": _main(scores, "after")})

@@ -24,7 +24,6 @@ FSDP2 wrapper of distributed.py; counts, loss, metrics and gradient norm are tho
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -40,11 +39,11 @@ from tunesmith.config import Config
 from tunesmith.data.dataset import epoch_order
 from tunesmith.data.grouping import length_grouped_order
 from tunesmith.errors import UserError
-from tunesmith.files import atomic_write_text
 from tunesmith.models.attention import NAME as VARLEN
 from tunesmith.models.attention import restore_attention, use_varlen_attention
 from tunesmith.objectives.registry import Objective, as_loss_output, get_objective
 from tunesmith.train import distributed, faults, progress
+from tunesmith.train.metrics_log import MetricsLog
 from tunesmith.train.validate import held_out_score
 from tunesmith.train.checkpoint import (TrainState, checkpoint_tensors, complete_checkpoints, load_checkpoint,
                                        save_checkpoint)
@@ -138,42 +137,6 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 def rollout_generator(seed: int, step: int) -> torch.Generator:
     """The generator a rollout samples with: a function of (seed, step) alone, so resume samples alike."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped.
-    Rank 0 alone writes it; on the other processes this is a no-op. Every record also goes to the
-    loggers of train.report_to (`trackers`, train/trackers.py), opened here with the resume step."""
-
-    def __init__(self, path: Path, resume_step: int | None, trackers=None):
-        self.path = path if distributed.is_main() else None
-        self.trackers = trackers
-        if trackers is not None:
-            trackers.start(resume_step)
-        if self.path is None:
-            return
-        if resume_step is None:
-            atomic_write_text(path, "")
-        elif path.exists():
-            # Rewritten atomically (files.py): a kill here loses no line.
-            kept = [l for l in path.read_text(encoding="utf-8").splitlines() if l and _line_step(l) <= resume_step]
-            atomic_write_text(path, "".join(l + "\n" for l in kept))
-
-    def write(self, record: dict) -> None:
-        if self.path is None:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.trackers is not None:
-            self.trackers.log(record["step"], record)
-
-
-def _line_step(line: str) -> float:
-    """A metrics line's step. A line cut short by a kill mid-write is always past the checkpoint: inf."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ and `eval/after/<metric>` (summary.json's `before` and `after`).
     metrics.jsonl record {"step": s, k: v, ...} -> tracker.log(s, {k: v for numeric v})
 
 Resume: a killed run resumed from checkpoint step c keeps metrics.jsonl's lines of steps <= c
-(train/loop.py, MetricsLog). TensorBoard's writer is opened with purge_step = c + 1, which makes the
+(train/metrics_log.py, MetricsLog). TensorBoard's writer is opened with purge_step = c + 1, which makes the
 reader drop every event of step > c written before, so no step is shown twice. MLflow and W&B continue
 the same run (its id is kept in <run_dir>/trackers.json). W&B ignores steps below its last; MLflow would keep
 both values of a step logged twice, so the MLflow tracker skips the steps it already holds (the resumed run
@@ -175,7 +175,7 @@ def check_installed(names: list[str]) -> None:
 
 
 class Trackers:
-    """The fan-out: one object the loop's MetricsLog writes to, whatever train.report_to lists.
+    """The fan-out: one object MetricsLog (train/metrics_log.py) writes to, whatever train.report_to lists.
 
     Built before the model loads (a missing package fails at once), opened by the loop once it knows the
     resume step (`start`), closed by whoever built it. On processes other than rank 0 it does nothing."""
